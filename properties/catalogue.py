@@ -1,0 +1,173 @@
+"""The property catalogue: each property is a claim about LoRA, with an id and a one-line statement.
+
+A property gets a :class:`Context` per example — the target, the drawn example, the arithmetic of its
+dtype — and talks to the implementation only through the target protocol. It records every numeric
+comparison as a :class:`~properties.results.Sample` and raises :class:`PropertyFailure` when a claim
+does not hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import strategies as st
+
+from properties.precision import Arithmetic, Expected, inner_dim, measure
+from properties.results import Sample
+from properties.spec import LAYER_KINDS, Example, LayerKind, LayerSpec
+from properties.strategies import Draw, Hostile
+from properties.targets.protocol import Capabilities, LayerHandle, Target, Unsupported
+
+
+class PropertyFailure(AssertionError):
+    """A LoRA claim does not hold for this example."""
+
+
+@dataclass
+class Context:
+    """Everything a property needs for one example."""
+
+    target: Target
+    example: Example
+    arith: Arithmetic
+    data: st.DataObject | None = None
+    hostile: Hostile | None = None
+    clean_spec: LayerSpec | None = None  # hostile properties: the spec before the entry was planted
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def spec(self):
+        return self.example.spec
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.example.x
+
+    def build(self, spec=None) -> LayerHandle:
+        return self.target.build(spec or self.spec)
+
+    def draw(self, strategy: st.SearchStrategy, label: str | None = None):
+        assert self.data is not None, "property drew without a data object"
+        return self.data.draw(strategy, label=label)
+
+    def check(
+        self,
+        actual: torch.Tensor,
+        expected: Expected,
+        quantity: str,
+        *,
+        rank: int | None = None,
+        cycles: int | None = None,
+    ) -> Sample:
+        """Compare against the precision model's bound; record the sample; fail when ratio > 1."""
+        r = rank if rank is not None else sum(a.r for a in self.spec.adapters)
+        sample = measure(
+            actual, expected, self.arith, quantity=quantity, inner=inner_dim(self.spec), rank=r, cycles=cycles
+        )
+        self.samples.append(sample)
+        if not sample.ratio <= 1.0:
+            raise PropertyFailure(
+                f"{quantity}: error {sample.error:.3g} exceeds the precision bound {sample.bound:.3g} "
+                f"(ratio {sample.ratio:.3g}; exact value {sample.reference:.6g}; "
+                f"error = {sample.err_u:.3g} u*M)"
+            )
+        return sample
+
+    def check_weights(self, actual: dict[str, torch.Tensor], expected: dict[str, Expected], what: str, **kw):
+        missing = set(expected) - set(actual)
+        if missing:
+            raise PropertyFailure(f"{what}: target did not report {sorted(missing)}")
+        for key, exp in expected.items():
+            self.check(actual[key], exp, f"{what}[{key}]", **kw)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A view that compares bit patterns (NaN payloads and signed zeros included)."""
+    if t.is_floating_point():
+        return (
+            t.detach()
+            .cpu()
+            .contiguous()
+            .view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+        )
+    return t.detach().cpu()
+
+
+def assert_identical(before: dict[str, object], after: dict[str, object], what: str) -> None:
+    """Bit-identical state: tensors by bit pattern and dtype, everything else by ``==``."""
+    if set(before) != set(after):
+        raise PropertyFailure(f"{what}: state keys changed: {sorted(set(before) ^ set(after))}")
+    for k, b in before.items():
+        a = after[k]
+        if isinstance(b, torch.Tensor):
+            same = isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+            if not (same and torch.equal(bits(a), bits(b))):
+                raise PropertyFailure(f"{what}: {k} changed")
+        elif a != b:
+            raise PropertyFailure(f"{what}: {k} changed from {b!r} to {a!r}")
+
+
+DrawFn = Callable[[Capabilities, LayerKind, torch.dtype], Draw]
+
+
+def default_draw(caps: Capabilities, kind: LayerKind, dtype: torch.dtype) -> Draw:
+    return Draw(kind=kind, dtype=dtype, options=caps.options)
+
+
+@dataclass(frozen=True)
+class Property:
+    id: str
+    statement: str
+    check: Callable[[Context], None]
+    requires: frozenset[str] = frozenset()
+    draw: DrawFn = default_draw
+    layers: tuple[LayerKind, ...] = LAYER_KINDS
+    hostile: bool = False
+    needs_data: bool = False
+
+    def missing(self, caps: Capabilities) -> list[str]:
+        return sorted(self.requires - caps.operations)
+
+
+REGISTRY: dict[str, Property] = {}
+
+
+def prop(
+    id: str,
+    statement: str,
+    *,
+    requires: Iterable[str] = (),
+    draw: DrawFn = default_draw,
+    layers: tuple[LayerKind, ...] = LAYER_KINDS,
+    hostile: bool = False,
+    needs_data: bool = False,
+):
+    """Register a property check under ``id``."""
+
+    def deco(fn: Callable[[Context], None]) -> Callable[[Context], None]:
+        if id in REGISTRY:
+            raise ValueError(f"duplicate property id {id!r}")
+        REGISTRY[id] = Property(id, statement, fn, frozenset(requires), draw, layers, hostile, needs_data)
+        return fn
+
+    return deco
+
+
+def all_properties() -> dict[str, Property]:
+    """The catalogue, in a stable order (importing the modules registers them)."""
+    from properties.checks import dropout, equivalence, scaling, state  # noqa: F401
+
+    return REGISTRY
+
+
+__all__ = [
+    "Context",
+    "Property",
+    "PropertyFailure",
+    "Unsupported",
+    "all_properties",
+    "assert_identical",
+    "prop",
+]

@@ -1,0 +1,1 @@
+"""The property checks, grouped by what they are about."""

@@ -1,0 +1,196 @@
+"""The precision model: how far a *correct* implementation may be from the exact answer.
+
+Pure functions of dtypes and tensors. Every bound is componentwise and built from the unit
+roundoff of the storage dtype ``u_s``, the unit roundoff of the accumulator ``u_a`` and the float64
+magnitude ``M`` of the computation (``|x||W| + |s||x||A||B| + ...``, see ``oracle``), following
+Higham's ``|fl(AB) - AB| <= gamma_K |A||B|`` with ``gamma_K = K u / (1 - K u)``. The constants count
+rounding stages; they are derived below, not tuned:
+
+* unmerged forward ``base(x) + s B(A x)``: gamma over the inner dimension (K, then r) plus one store
+  of ``A x``, of ``B(.)``, of ``s *``, of the sum and of the output: ``(gamma_{K+r}(u_a) + (3 + 2n) u_s) M``
+  for ``n`` adapters. DoRA adds a norm (another ``gamma_K``) and the ``m / n`` factor (one ``u_s``).
+* merged forward: each merge writes ``round(W + delta)`` with ``delta`` from an ``r``-term product,
+  so the weights are off by ``(gamma_r(u_a) + 2 u_s)|W'|`` per merge, then the same product as above.
+  Both paths are covered by one bound, so merged vs unmerged compares against the sum of two.
+* merge -> unmerge round trip: two such weight writes per cycle, so ``c`` cycles give ``c`` times that.
+
+Half-precision matmuls on CPU (and on GPU by default) accumulate in float32: ``u_a`` is float32's
+unless the device reduces in half precision (then ``u_a = u_s``). TF32 rounds float32 inputs to a
+10-bit mantissa, which makes ``u_a`` about ``2^-11`` for float32 products.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from properties import oracle
+from properties.results import Sample
+from properties.spec import LayerSpec
+
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+TF32_UNIT_ROUNDOFF = 2.0**-11
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return UNIT_ROUNDOFF[dtype]
+
+
+def gamma(k: int, u: float) -> float:
+    """Higham's ``gamma_k = k u / (1 - k u)``; infinite when ``k u >= 1`` (no guarantee left)."""
+    ku = max(k, 1) * u
+    return ku / (1 - ku) if ku < 1 else math.inf
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """How a target rounds: storage dtype and accumulator roundoff."""
+
+    dtype: torch.dtype
+    u_acc: float
+
+    @property
+    def u(self) -> float:
+        return unit_roundoff(self.dtype)
+
+    def gamma(self, k: int) -> float:
+        return gamma(k, self.u_acc)
+
+    @classmethod
+    def for_dtype(
+        cls, dtype: torch.dtype, *, tf32: bool = False, reduced_precision_reduction: bool = False
+    ) -> Arithmetic:
+        """CPU (and default GPU) arithmetic: half types accumulate in float32."""
+        u = unit_roundoff(dtype)
+        if dtype in (torch.float16, torch.bfloat16):
+            return cls(dtype, u if reduced_precision_reduction else unit_roundoff(torch.float32))
+        if dtype == torch.float32 and tf32:
+            return cls(dtype, TF32_UNIT_ROUNDOFF)
+        return cls(dtype, u)
+
+
+def inner_dim(spec: LayerSpec) -> int:
+    """The inner dimension K of the base product."""
+    if spec.kind == "embedding":
+        return 1
+    if spec.kind in ("linear", "mha"):
+        return spec.weight.shape[1]
+    return math.prod(spec.weight.shape[1:])
+
+
+def _rank_total(spec: LayerSpec, names: Sequence[str]) -> int:
+    return sum(spec.adapter(n).r for n in names)
+
+
+def _n_dora(spec: LayerSpec, names: Sequence[str]) -> int:
+    return sum(spec.adapter(n).use_dora for n in names)
+
+
+@dataclass
+class Expected:
+    """An exact answer with the bound a correct implementation meets and the magnitude M behind it."""
+
+    exact: torch.Tensor
+    bound: torch.Tensor
+    magnitude: torch.Tensor
+
+
+def forward_expected(
+    spec: LayerSpec,
+    x: torch.Tensor,
+    arith: Arithmetic,
+    *,
+    adapters: Sequence[str] | None = None,
+    scales: dict[str, float] | None = None,
+) -> Expected:
+    """Exact eval output and its bound, valid for the merged and the unmerged path alike."""
+    names = spec.active_adapters if adapters is None else list(adapters)
+    if spec.kind == "mha":
+        y, ey, mag = oracle.mha_forward_with_error(spec, x, names, scales or {}, (arith.gamma, arith.u))
+        return Expected(y, ey + arith.u * y.abs(), mag)
+    exact = oracle.forward(spec, x, adapters=names, scales=scales)
+    mag = oracle.forward(spec, x, adapters=names, scales=scales, magnitude=True)
+    k, r, nd = inner_dim(spec), _rank_total(spec, names), _n_dora(spec, names)
+    coeff = arith.gamma((1 + nd) * k + r) + (3 + 2 * len(names) + 2 * nd) * arith.u
+    return Expected(exact, coeff * mag, mag)
+
+
+def mixed_expected(spec: LayerSpec, x: torch.Tensor, rows: Sequence[str], arith: Arithmetic) -> Expected:
+    """Per-row expectations for a mixed batch (each row with its own adapter)."""
+    parts = [
+        forward_expected(spec, x[i : i + 1], arith, adapters=[] if n == "__base__" else [n])
+        for i, n in enumerate(rows)
+    ]
+    return Expected(*(torch.cat([getattr(p, f) for p in parts]) for f in ("exact", "bound", "magnitude")))
+
+
+def weights_expected(
+    spec: LayerSpec, adapters: Sequence[str], arith: Arithmetic, *, writes: int = 1
+) -> dict[str, Expected]:
+    """Stored weights after merging ``adapters`` in order; ``writes`` counts rounded weight writes
+    per adapter beyond the merge itself (an unmerge is one more, ``c`` cycles are ``2c``)."""
+    exact = oracle.merged_weights(spec, adapters)
+    mag = oracle.merged_weights(spec, adapters, magnitude=True)
+    r = max([spec.adapter(n).r for n in adapters] or [1])
+    k = inner_dim(spec) if _n_dora(spec, adapters) else 0
+    per_write = arith.gamma(r + k) + (2 + 2 * (k > 0)) * arith.u
+    coeff = max(len(adapters), 1) * writes * per_write
+    return {key: Expected(exact[key], coeff * mag[key], mag[key]) for key in exact}
+
+
+def roundtrip_expected(spec: LayerSpec, adapters: Sequence[str], arith: Arithmetic, cycles: int = 1):
+    """Base weights after ``cycles`` merge -> unmerge cycles: the originals, within ``2 c`` writes."""
+    merged = weights_expected(spec, adapters, arith, writes=2 * cycles)
+    base = {k: v.detach().to("cpu", torch.float64) for k, v in spec.base_tensors().items()}
+    return {k: Expected(base[k], e.bound, e.magnitude) for k, e in merged.items()}
+
+
+def delta_expected(spec: LayerSpec, name: str, arith: Arithmetic) -> dict[str, Expected]:
+    """``delta_weights(name)``: what a single merge adds, rounded once to the base dtype."""
+    exact = oracle.delta_weights(spec, name)
+    weights = weights_expected(spec, [name], arith)
+    return {k: Expected(exact[k], weights[k].bound, weights[k].magnitude) for k in exact}
+
+
+def measure(
+    actual: torch.Tensor,
+    expected: Expected,
+    arith: Arithmetic,
+    *,
+    quantity: str,
+    inner: int,
+    rank: int,
+    cycles: int | None = None,
+) -> Sample:
+    """The worst element of ``|actual - exact| / bound``; NaN or Inf where the exact value is finite
+    counts as an infinite ratio, and any error where the bound is 0 (exact zeros) too."""
+    a = actual.detach().to("cpu", torch.float64)
+    if a.shape != expected.exact.shape:
+        raise AssertionError(f"{quantity}: shape {tuple(a.shape)}, expected {tuple(expected.exact.shape)}")
+    err = (a - expected.exact).abs()
+    err = torch.where(torch.isfinite(a), err, torch.full_like(err, math.inf))
+    if err.numel() == 0:
+        return Sample(0.0, 0.0, inner, rank, quantity, cycles)
+    ratio = torch.where(err == 0, torch.zeros_like(err), err / expected.bound)
+    i = int(torch.argmax(torch.nan_to_num(ratio, nan=math.inf)))
+    e, b, m = (float(t.flatten()[i]) for t in (err, expected.bound, expected.magnitude))
+    ref = float(expected.exact.flatten()[i])
+    rho = float(ratio.flatten()[i])
+    err_u = e / (arith.u * m) if m > 0 else (0.0 if e == 0 else math.inf)
+    return Sample(rho, err_u, inner, rank, quantity, cycles, e, b, m, abs(ref))
+
+
+def sum_expected(a: Expected, b: Expected) -> Expected:
+    """Two paths each within their bound of the same exact answer are within the sum of each other."""
+    return Expected(a.exact, a.bound + b.bound, torch.maximum(a.magnitude, b.magnitude))
+
+
+BoundFn = Callable[..., Expected]

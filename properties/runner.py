@@ -1,0 +1,265 @@
+"""Runs one cell — property x layer kind x dtype — against one target with Hypothesis.
+
+The cell is the unit of work, of parallelism and of reporting. A run of a cell ends in one status:
+``passed``, ``failed`` (a LoRA claim does not hold: the shrunk example, the seed and a replay
+command come with it), ``error`` (the target crashed or hung), ``skipped`` (the target lacks a
+capability the property needs; the reason is given) or ``xfailed`` (decided by the caller).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import signal
+import threading
+import time
+import traceback
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import torch
+from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings
+from hypothesis import seed as hyp_seed
+from hypothesis import strategies as st
+from hypothesis import target as hyp_target
+from hypothesis.errors import Flaky, Unsatisfiable
+
+from properties.catalogue import Context, Property, PropertyFailure
+from properties.isolation import isolated, pinned_backend
+from properties.precision import Arithmetic
+from properties.profiles import Profile
+from properties.results import CellResult, Sample
+from properties.spec import DTYPES
+from properties.strategies import examples, plant
+from properties.targets.protocol import Target, Unsupported
+
+
+@dataclass(frozen=True)
+class Cell:
+    property: str
+    layer: str
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.property} {self.layer} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything that decides which examples a cell draws (and so what a replay needs)."""
+
+    target: str
+    profile: Profile
+    seed: int
+    max_examples: int | None = None
+    device: str = "cpu"
+    tf32: bool = False
+    reduced_precision_reduction: bool = False
+    threads: int | None = 1
+    mkldnn: bool = False
+
+    @property
+    def examples(self) -> int:
+        return self.max_examples or self.profile.max_examples
+
+
+class CellTimeout(BaseException):
+    """Raised by the alarm: a BaseException so Hypothesis does not treat it as a failing example."""
+
+
+class TargetCrash(Exception):
+    """The target raised something other than a property failure or :class:`Unsupported`."""
+
+
+def cell_seed(seed: int, cell: Cell) -> int:
+    return zlib.crc32(f"{seed}:{cell}".encode())
+
+
+def replay_command(opts: RunOptions, cell: Cell) -> str:
+    args = [
+        "lora-conformance",
+        "run",
+        "--target",
+        opts.target,
+        "--profile",
+        opts.profile.name,
+        "--properties",
+        cell.property,
+        "--layers",
+        cell.layer,
+        "--dtypes",
+        cell.dtype,
+        "--seed",
+        str(opts.seed),
+    ]
+    if opts.max_examples:
+        args += ["--max-examples", str(opts.max_examples)]
+    if opts.device != "cpu":
+        args += ["--device", opts.device]
+    return shlex.join(args)
+
+
+def _crash_summary(e: BaseException) -> str:
+    """One line: the exception and where in the target it came from (innermost frame)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}{where}"
+
+
+@dataclass
+class _CellState:
+    """What the Hypothesis loop saw, kept outside it (Hypothesis reruns the shrunk example last)."""
+
+    samples: list[Sample] = field(default_factory=list)
+    unsupported: Counter = field(default_factory=Counter)
+    examples: int = 0
+    last_failure: tuple[str, str, str] | None = None  # (kind, message, example)
+    worst: tuple[float, str] = (-1.0, "")
+
+
+class _Alarm:
+    """Per-cell wall-clock limit via SIGALRM (main thread only; elsewhere no limit is enforced)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.armed = seconds > 0 and threading.current_thread() is threading.main_thread()
+
+    def _fire(self, *_):
+        raise CellTimeout()
+
+    def __enter__(self):
+        if self.armed:
+            self.old = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+
+
+def skip_reason(target: Target, prop: Property, cell: Cell) -> str | None:
+    """Why this target cannot run this cell at all, or None."""
+    caps = target.capabilities()
+    if cell.layer not in prop.layers:
+        return f"{prop.id} does not apply to {cell.layer}"
+    if cell.layer not in caps.layers:
+        return caps.notes.get(cell.layer, f"{target.name} has no {cell.layer} layer")
+    if DTYPES[cell.dtype] not in caps.dtypes:
+        return caps.notes.get(cell.dtype, f"{target.name} does not support {cell.dtype}")
+    missing = prop.missing(caps)
+    if missing:
+        reasons = [caps.notes.get(m, f"no {m}") for m in missing]
+        return f"{target.name} lacks {', '.join(missing)} ({'; '.join(reasons)})"
+    return None
+
+
+def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> CellResult:
+    """Run one cell to a :class:`CellResult`. Never raises for target misbehaviour."""
+    started = time.perf_counter()
+    result = CellResult(cell.property, cell.layer, cell.dtype, "passed", seed=opts.seed)
+    reason = skip_reason(target, prop, cell)
+    if reason:
+        result.status, result.message = "skipped", reason
+        return result
+    dtype = DTYPES[cell.dtype]
+    caps = target.capabilities()
+    draw = replace(prop.draw(caps, cell.layer, dtype), device=opts.device)
+    arith = Arithmetic.for_dtype(
+        dtype,
+        tf32=opts.tf32 and opts.device != "cpu",
+        reduced_precision_reduction=opts.reduced_precision_reduction,
+    )
+    state = _CellState()
+    strategy = st.tuples(examples(draw, hostile=prop.hostile), st.data() if prop.needs_data else st.none())
+
+    def one_example(drawn) -> None:
+        ex, data = drawn
+        hostile = None
+        clean_spec = None
+        if prop.hostile:
+            clean, hostile = ex
+            clean_spec, ex = clean.spec, plant(clean, hostile)
+        state.examples += 1
+        ctx = Context(target, ex, arith, data=data, hostile=hostile, clean_spec=clean_spec)
+        description = ex.describe() + (f"\nhostile: {hostile}" if hostile else "")
+        try:
+            with isolated(), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.manual_seed(ex.spec.seed)
+                prop.check(ctx)
+        except Unsupported as e:
+            state.unsupported[str(e)] += 1
+            reject()
+        except PropertyFailure as e:
+            state.last_failure = ("failed", str(e), description)
+            raise
+        except Exception as e:  # noqa: BLE001 - a crashing target is a result, not our crash
+            state.last_failure = ("error", _crash_summary(e), description)
+            raise TargetCrash(state.last_failure[1]) from e
+        finally:
+            state.samples.extend(ctx.samples)
+        worst = max((s.ratio for s in ctx.samples), default=0.0)
+        if worst > state.worst[0]:
+            state.worst = (worst, description)
+        if opts.profile.target_ratio and ctx.samples:
+            hyp_target(math.log(max(worst, 1e-300)), label="log error ratio")
+
+    test = settings(
+        max_examples=opts.examples,
+        derandomize=False,
+        database=None,
+        deadline=None,
+        print_blob=False,
+        report_multiple_bugs=False,
+        verbosity=Verbosity.quiet,
+        phases=(Phase.generate, Phase.target, Phase.shrink),
+        suppress_health_check=list(HealthCheck),
+    )(hyp_seed(cell_seed(opts.seed, cell))(given(strategy)(one_example)))
+
+    try:
+        with _Alarm(opts.profile.cell_timeout_s), pinned_backend(opts.threads, opts.mkldnn):
+            test()
+    except CellTimeout:
+        result.status = "error"
+        result.message = (
+            f"hang: the cell ran past {opts.profile.cell_timeout_s:g} s ({state.examples} examples done)"
+        )
+    except Unsatisfiable:
+        result.status = "skipped"
+        result.message = "; ".join(state.unsupported) or "no valid example could be generated"
+    except (PropertyFailure, TargetCrash, Flaky, Exception) as e:  # noqa: BLE001
+        kind, message, example = state.last_failure or ("error", _crash_summary(e), "")
+        if isinstance(e, Flaky):
+            kind, message = "failed", f"flaky (did not reproduce on replay): {message}"
+        result.status = kind
+        result.message = message
+        result.example = example
+        result.replay = replay_command(opts, cell)
+    result.examples = state.examples
+    result.duration_s = time.perf_counter() - started
+    if state.unsupported and result.status == "passed":
+        result.message = f"{sum(state.unsupported.values())} examples unsupported: " + "; ".join(
+            state.unsupported
+        )
+    _keep_samples(result, state, opts.profile.samples_kept)
+    return result
+
+
+def _keep_samples(result: CellResult, state: _CellState, keep: int) -> None:
+    """Statistics over every sample; a spread-out subset (always with the worst) kept for plots."""
+    result.samples = state.samples
+    result.summarize()
+    if state.worst[0] >= 0:
+        result.worst_example = state.worst[1]
+    if len(state.samples) > keep:
+        step = len(state.samples) / keep
+        kept = [state.samples[int(i * step)] for i in range(keep)]
+        worst = max(state.samples, key=lambda s: s.ratio if math.isfinite(s.ratio) else math.inf)
+        if worst not in kept:
+            kept[-1] = worst
+        result.samples = kept
