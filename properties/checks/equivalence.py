@@ -19,6 +19,27 @@ def reference_forward(ctx: Context) -> None:
     ctx.check(h.forward(ctx.x), forward_expected(ctx.spec, ctx.x, ctx.arith), "unmerged output")
 
 
+BASE_LAYER_OPTIONS = frozenset(
+    {"fan_in_fan_out", "padding_idx", "conv_groups", "conv_dilation", "padding_mode", "padding_same"}
+)
+
+
+def _all_base_options(caps, kind, dtype) -> Draw:
+    return Draw(kind=kind, dtype=dtype, options=caps.options | BASE_LAYER_OPTIONS)
+
+
+@prop(
+    "layer_options_honoured",
+    "Every base-layer option a library accepts (conv stride, padding, 'same', dilation, groups, padding "
+    "modes; padding_idx; fan_in_fan_out) is honoured by the LoRA branch: unmerged output = oracle.",
+    draw=_all_base_options,
+    layers=("linear", "embedding", "conv1d", "conv2d", "conv3d"),
+)
+def layer_options_honoured(ctx: Context) -> None:
+    h = ctx.build()
+    ctx.check(h.forward(ctx.x), forward_expected(ctx.spec, ctx.x, ctx.arith), "unmerged output")
+
+
 @prop(
     "reference_delta",
     "get_delta_weight equals scaling * B @ A (groups, transposes and DoRA included), rounded once.",

@@ -13,6 +13,8 @@ Conventions every target follows:
 * An operation the library does not have raises :class:`Unsupported`; the runner reports the cell as
   skipped with that reason. Any other exception from a target is the target's error, reported as such.
 * ``merge(safe=True)`` raises ``ValueError`` when the merged weights would be non-finite.
+* Never reseed torch: the runner seeds once per example, so dropout masks replay with the example and
+  differ between forwards (a reseed per forward makes every mask the same).
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ from properties.targets.protocol import Target
 BUILTIN = {
     "reference": "properties.targets.reference:TARGET",
     "peft": "properties.targets.peft_target:TARGET",
+    "loralib": "properties.targets.loralib_target:TARGET",
+    "torchtune": "properties.targets.torchtune_target:TARGET",
+    "litgpt": "properties.targets.litgpt_target:TARGET",
+    "diffusers": "properties.targets.diffusers_target:TARGET",
+    "lycoris": "properties.targets.lycoris_target:TARGET",
 }
 
 

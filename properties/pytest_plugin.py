@@ -1,0 +1,151 @@
+"""pytest plugin: run the conformance suite inside a library's own test run.
+
+    pytest --pyargs properties --lora-target peft [--lora-profile ci] [--lora-xfails FILE] [--lora-report DIR]
+
+Each cell (property x layer x dtype) is one test item, so ``-k``, ``-x`` and pytest-xdist (``-n 2``)
+work as usual. Results travel to the controlling process in the items' ``user_properties``, where
+the reports are written once at the end. Without ``--lora-target`` the plugin does nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+RESULT_KEY = "lora_conformance_cell"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("lora-conformance", "LoRA conformance suite")
+    g.addoption("--lora-target", help="target: reference, peft, ... or module:attribute")
+    g.addoption("--lora-profile", default="ci", choices=("ci", "dev", "thorough"))
+    g.addoption("--lora-seed", type=int, default=None, help="global seed (default 0 for ci, else random)")
+    g.addoption("--lora-max-examples", type=int, default=None)
+    g.addoption("--lora-properties", default="", help="comma-separated property ids")
+    g.addoption("--lora-layers", default="", help="comma-separated layer kinds")
+    g.addoption("--lora-dtypes", default="", help="comma-separated dtypes")
+    g.addoption("--lora-xfails", default=None, help="expected-failure file")
+    g.addoption("--lora-report", default=None, help="directory for report.json/.md/.html")
+    g.addoption("--lora-device", default="cpu")
+
+
+def _csv(text: str) -> list[str] | None:
+    return [t for t in text.split(",") if t] or None
+
+
+def _options(config: pytest.Config):
+    """The run options, the same on every xdist worker (the seed is fixed on the controller)."""
+    import random
+
+    from properties.profiles import PROFILES
+    from properties.runner import RunOptions
+
+    profile = PROFILES[config.getoption("lora_profile")]
+    seed = config.getoption("lora_seed")
+    if seed is None:
+        workerinput = getattr(config, "workerinput", None)
+        seed = int(workerinput["lora_seed"]) if workerinput else (0 if profile.derandomize else None)
+        if seed is None:
+            seed = config._lora_seed = getattr(config, "_lora_seed", random.randrange(2**31))
+    return RunOptions(
+        target=config.getoption("lora_target"),
+        profile=profile,
+        seed=seed,
+        max_examples=config.getoption("lora_max_examples"),
+        device=config.getoption("lora_device"),
+    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist controller: hand the same random seed to every worker."""
+    node.workerinput["lora_seed"] = _options(node.config).seed
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "lora_cell" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    if not config.getoption("lora_target"):
+        skip = pytest.mark.skip(reason="pass --lora-target NAME to run the LoRA conformance suite")
+        metafunc.parametrize("lora_cell", [pytest.param(None, marks=skip)], ids=["no-target"])
+        return
+    from properties.session import plan_cells
+
+    cells = plan_cells(
+        _csv(config.getoption("lora_properties")),
+        _csv(config.getoption("lora_layers")),
+        _csv(config.getoption("lora_dtypes")),
+    )
+    metafunc.parametrize("lora_cell", cells, ids=[f"{c.property}-{c.layer}-{c.dtype}" for c in cells])
+
+
+@pytest.fixture(scope="session")
+def lora_run(pytestconfig: pytest.Config):
+    """The target and options, loaded once per process."""
+    from properties.session import start_run
+    from properties.targets.registry import TargetLoadError
+    from properties.xfails import load_xfails
+
+    opts = _options(pytestconfig)
+    try:
+        return start_run(opts.target, opts, load_xfails(pytestconfig.getoption("lora_xfails")))
+    except TargetLoadError as e:
+        pytest.exit(f"lora-conformance: {e}", returncode=2)
+
+
+@pytest.fixture
+def lora_cell_runner(lora_run, request: pytest.FixtureRequest):
+    """Runs a cell and reports it the pytest way (fail / skip / xfail with the replay command)."""
+    from properties.catalogue import all_properties
+    from properties.console import failure_details
+    from properties.results import RunReport
+    from properties.runner import run_cell
+    from properties.session import apply_xfail
+
+    def run(cell) -> None:
+        result = run_cell(lora_run.target, all_properties()[cell.property], cell, lora_run.opts)
+        result = apply_xfail(result, lora_run.xfails, set())
+        request.node.user_properties.append((RESULT_KEY, result.to_json()))
+        if result.status == "skipped":
+            pytest.skip(result.message or "skipped")
+        if result.status == "xfailed":
+            pytest.xfail(result.message or "expected failure")
+        if result.status in ("failed", "error"):
+            pytest.fail(failure_details(RunReport(lora_run.report.header, [result])).strip(), pytrace=False)
+
+    return run
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.cells: list[dict] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for key, value in getattr(report, "user_properties", ()):
+            if key == RESULT_KEY and report.when == "call":
+                self.cells.append(value)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("lora_target", None) and not hasattr(config, "workerinput"):
+        config._lora_collector = _Collector()
+        config.pluginmanager.register(config._lora_collector, "lora-conformance-collector")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    collector = getattr(config, "_lora_collector", None)
+    out = config.getoption("lora_report", None)
+    if collector is None or not out:
+        return
+    from properties import reporting
+    from properties.results import CellResult
+    from properties.session import start_run
+    from properties.xfails import load_xfails
+
+    opts = _options(config)
+    run = start_run(opts.target, opts, load_xfails(config.getoption("lora_xfails")))
+    run.report.cells = [CellResult.from_json(c) for c in collector.cells]
+    run.report.header.interrupted = session.shouldstop is not False or session.shouldfail is not False
+    paths = reporting.write_reports(run.report, out)
+    config.get_terminal_writer().line(f"lora-conformance reports: {', '.join(map(str, paths.values()))}")

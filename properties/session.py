@@ -1,0 +1,209 @@
+"""A run: properties x layer kinds x dtypes for one target, sequential or in worker processes.
+
+Results stream to a sink as each cell finishes, so an interrupted (Ctrl-C) or crashing run keeps
+every finished cell; the CLI's sink rewrites ``report.json`` atomically after each one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import platform
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import hypothesis
+import torch
+
+from properties import __version__
+from properties.catalogue import Property, all_properties
+from properties.results import CellResult, RunHeader, RunReport
+from properties.runner import Cell, RunOptions, run_cell
+from properties.spec import DTYPES, LAYER_KINDS
+from properties.targets.protocol import Target
+from properties.targets.registry import load_target
+from properties.xfails import XfailRule, match
+
+
+def plan_cells(
+    properties: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+    dtypes: Sequence[str] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> list[Cell]:
+    """Every cell asked for, in catalogue order; ``shard=(i, n)`` keeps a deterministic 1/n of them."""
+    catalogue = all_properties()
+    for kind, given, known in (("property", properties, catalogue), ("layer", layers, LAYER_KINDS)):
+        unknown = [g for g in given or () if g not in known]
+        if unknown:
+            raise ValueError(f"unknown {kind} {', '.join(unknown)}; known: {', '.join(known)}")
+    unknown = [d for d in dtypes or () if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype {', '.join(unknown)}; known: {', '.join(DTYPES)}")
+    cells = [
+        Cell(p, layer, d)
+        for p in (properties or list(catalogue))
+        for layer in (layers or LAYER_KINDS)
+        for d in (dtypes or list(DTYPES))
+        if layer in catalogue[p].layers
+    ]
+    if shard:
+        i, n = shard
+        # By a hash of the cell, not by position: a cell stays in its shard when others are added.
+        cells = [c for c in cells if zlib.crc32(str(c).encode()) % n == i - 1]
+    return cells
+
+
+def precision_flags(opts: RunOptions) -> dict[str, object]:
+    """The switches that change floating-point results, as pinned for this run."""
+    flags: dict[str, object] = {
+        "device": opts.device,
+        "threads_per_cell": opts.threads,
+        "mkldnn": opts.mkldnn,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if opts.device.startswith("cuda"):
+        flags.update(
+            cuda_matmul_allow_tf32=opts.tf32,
+            cudnn_allow_tf32=opts.tf32,
+            allow_fp16_reduced_precision_reduction=opts.reduced_precision_reduction,
+            allow_bf16_reduced_precision_reduction=opts.reduced_precision_reduction,
+        )
+    return flags
+
+
+def make_header(target: Target, opts: RunOptions, shard: str | None, argv: list[str]) -> RunHeader:
+    try:
+        target_version = target.version()
+    except Exception as e:  # noqa: BLE001 - a version we cannot read is still a run
+        target_version = f"unknown ({type(e).__name__})"
+    device = opts.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name()})"
+    return RunHeader(
+        suite_version=__version__,
+        target=target.name,
+        target_version=target_version,
+        torch_version=torch.__version__,
+        python_version=platform.python_version(),
+        platform=platform.platform(),
+        device=device,
+        precision_flags=precision_flags(opts),
+        profile=opts.profile.name,
+        seed=opts.seed,
+        max_examples=opts.examples,
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        shard=shard,
+        argv=argv,
+        hypothesis_version=hypothesis.__version__,
+    )
+
+
+def apply_xfail(result: CellResult, rules: list[XfailRule], used: set[int]) -> CellResult:
+    """A failing cell listed in the xfails file becomes ``xfailed``; a listed cell that passes says so."""
+    rule = match(rules, result.property, result.layer, result.dtype)
+    if rule is None:
+        return result
+    used.add(rule.line)
+    if result.status in ("failed", "error"):
+        result.message = f"expected failure ({rule.reason}): {result.message}"
+        result.status = "xfailed"
+    elif result.status == "passed":
+        result.message = f"XPASS: listed as expected failure ({rule.reason}) but passed"
+    return result
+
+
+_WORKER_TARGETS: dict[str, Target] = {}
+
+
+def _worker_run(target_name: str, cell: Cell, opts: RunOptions) -> CellResult:
+    """Runs in a worker process: one target instance per process, loaded on first use."""
+    if target_name not in _WORKER_TARGETS:
+        _WORKER_TARGETS[target_name] = load_target(target_name)
+    return run_cell(_WORKER_TARGETS[target_name], all_properties()[cell.property], cell, opts)
+
+
+@dataclass
+class Run:
+    target_name: str
+    target: Target
+    opts: RunOptions
+    xfails: list[XfailRule]
+    report: RunReport
+
+    def execute(self, cells: Iterable[Cell], jobs: int, sink: Callable[[CellResult], None]) -> RunReport:
+        """Run ``cells``, handing each result to ``sink``; returns the report (partial when interrupted)."""
+        used: set[int] = set()
+        catalogue = all_properties()
+
+        def done(result: CellResult) -> None:
+            self.report.cells.append(apply_xfail(result, self.xfails, used))
+            sink(result)
+
+        try:
+            if jobs <= 1:
+                for cell in cells:
+                    done(run_cell(self.target, catalogue[cell.property], cell, self.opts))
+            else:
+                self._parallel(list(cells), jobs, done)
+        except KeyboardInterrupt:
+            self.report.header.interrupted = True
+        finally:
+            self.report.header.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self.report.header.unmatched_xfails = [str(r) for r in self.xfails if r.line not in used]
+        return self.report
+
+    def _parallel(self, cells: list[Cell], jobs: int, done: Callable[[CellResult], None]) -> None:
+        # Slow cells first keeps both workers busy until the end.
+        cells = sorted(cells, key=lambda c: _cost(c, all_properties()[c.property]), reverse=True)
+        pending = list(cells)
+        while pending:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                futures = {pool.submit(_worker_run, self.target_name, c, self.opts): c for c in pending}
+                try:
+                    while futures:
+                        finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                        for f in finished:
+                            cell = futures.pop(f)
+                            pending.remove(cell)
+                            try:
+                                done(f.result())
+                            except BrokenProcessPool:
+                                done(_died(cell))
+                                raise
+                except BrokenProcessPool:
+                    continue  # a worker died (segfault, OOM): a fresh pool runs what is left
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for p in list(getattr(pool, "_processes", {}).values()):
+                        p.terminate()
+                    raise
+
+
+def _died(cell: Cell) -> CellResult:
+    return CellResult(
+        cell.property,
+        cell.layer,
+        cell.dtype,
+        "error",
+        message="the worker process died while running this cell or one beside it (crash or out of memory)",
+    )
+
+
+def _cost(cell: Cell, prop: Property) -> float:
+    """A rough relative cost, to schedule slow cells first."""
+    weight = {"train_dropout_unbiased": 8.0, "merge_cycle_drift": 3.0, "mixed_batch": 2.0}.get(prop.id, 1.0)
+    return weight * {"conv3d": 3.0, "mha": 2.0, "conv2d": 1.5}.get(cell.layer, 1.0)
+
+
+def start_run(
+    target_name: str, opts: RunOptions, xfails: list[XfailRule], shard: str | None = None
+) -> Run:
+    target = load_target(target_name)
+    header = make_header(target, opts, shard, list(sys.argv))
+    return Run(target_name, target, opts, xfails, RunReport(header))

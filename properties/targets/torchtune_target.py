@@ -1,0 +1,220 @@
+"""torchtune (0.6.1) ``LoRALinear`` / ``DoRALinear`` as a conformance target.
+
+torchtune has no module-level merge: the one merge it ships is ``get_merged_lora_ckpt(state_dict, rank,
+alpha)``, which rewrites a *checkpoint* (base weight += delta, LoRA keys deleted) for export. The handle
+therefore merges the way torchtune users do: take the layer's state dict under a parent prefix (the
+function finds LoRA modules by key prefix), merge it, and load the result into a plain ``nn.Linear``
+that replaces the LoRA layer. A merge is thus one-way: there is no unmerge, and after it there is no
+adapter left for ``disable_adapter`` to switch off. Merging again runs the function on the plain
+state dict, where it finds nothing to do.
+
+``set_enabled(False)`` runs forwards inside torchtune's ``disable_adapter(model)`` context manager.
+DoRA layers get ``initialize_dora_magnitude()`` (as torchtune requires after loading) and then the
+spec's exact magnitude.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from properties.spec import DTYPES, LayerSpec
+from properties.targets.protocol import Capabilities, Unsupported
+
+PIP = "pip install torchtune==0.6.1 torchao==0.17.0  (or: python scripts/envs.py create torchtune)"
+
+
+class TorchtuneMissing(ImportError):
+    """torchtune (or the torchao it imports) is not importable in this environment."""
+
+
+def _peft() -> Any:
+    try:
+        from torchtune.modules import peft
+    except ImportError as e:
+        raise TorchtuneMissing(f"the torchtune target needs `torchtune` and `torchao`: {PIP}") from e
+    return peft
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torchtune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _Holder(nn.Module):
+    """A parent module, so state-dict keys carry the ``layer.`` prefix get_merged_lora_ckpt expects."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class TorchtuneHandle:
+    def __init__(self, spec: LayerSpec, holder: _Holder) -> None:
+        self.spec = spec
+        self.holder = holder
+        self.adapter = spec.adapters[0]
+        self.merged = False
+        self.enabled = True
+
+    def forward(
+        self, x: torch.Tensor, *, train: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        if adapter_names is not None:
+            raise Unsupported("torchtune has no per-row adapters")
+        self.holder.train(train)
+        context = nullcontext() if self.enabled else _peft().disable_adapter(self.holder)
+        try:
+            with context:
+                return self.holder(x)
+        finally:
+            self.holder.train(False)
+
+    def _merged_linear(self) -> nn.Linear:
+        """torchtune's checkpoint merge, loaded into the plain layer a merged checkpoint describes."""
+        state = {k: v.detach().clone() for k, v in self.holder.state_dict().items()}
+        merged = _peft().get_merged_lora_ckpt(state, rank=self.adapter.r, alpha=self.adapter.alpha)
+        out_f, in_f = self.spec.weight.shape
+        plain = _Holder(
+            nn.Linear(
+                in_f,
+                out_f,
+                bias=self.spec.base_bias is not None,
+                dtype=self.spec.dtype,
+                device=self.spec.device,
+            )
+        )
+        plain.load_state_dict(merged, strict=True)
+        return plain.layer
+
+    def merge(self, *, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
+        if safe:
+            raise Unsupported("get_merged_lora_ckpt has no finiteness check")
+        if adapter_names is not None and list(adapter_names) != [self.adapter.name]:
+            raise Unsupported("torchtune has one adapter per layer")
+        self.holder.layer = self._merged_linear()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        raise Unsupported("torchtune has no unmerge: get_merged_lora_ckpt deletes the LoRA weights")
+
+    def merged_adapters(self) -> list[str]:
+        return [self.adapter.name] if self.merged else []
+
+    def set_active(self, names: Sequence[str]) -> None:
+        raise Unsupported("torchtune has one adapter per layer")
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def set_scale(self, name: str, scale: float) -> None:
+        raise Unsupported("torchtune has no scale API")
+
+    def scale_layer(self, factor: float) -> None:
+        raise Unsupported("torchtune has no scale API")
+
+    def unscale_layer(self, factor: float | None = None) -> None:
+        raise Unsupported("torchtune has no scale API")
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        layer = self.holder.layer
+        out = {"weight": layer.weight.detach().clone()}
+        if self.spec.base_bias is not None:
+            out["bias"] = layer.bias.detach().clone()
+        return out
+
+    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+        raise Unsupported("torchtune has no delta-weight function")
+
+    def snapshot(self) -> dict[str, object]:
+        state: dict[str, object] = {k: v.detach().clone() for k, v in self.holder.state_dict().items()}
+        state["merged"] = self.merged
+        state["layer_type"] = type(self.holder.layer).__name__
+        return state
+
+    def merge_and_unload(self) -> nn.Module:
+        if not self.merged:
+            self.merge()
+        return self.holder.layer
+
+
+class TorchtuneTarget:
+    """torchtune ``LoRALinear`` and ``DoRALinear`` (linear layers only; one adapter per layer)."""
+
+    name = "torchtune"
+
+    def version(self) -> str:
+        _peft()
+        return _version()
+
+    def capabilities(self) -> Capabilities:
+        _peft()
+        v = _version()
+        return Capabilities(
+            layers=frozenset({"linear"}),
+            dtypes=frozenset(DTYPES.values()),
+            operations=frozenset({"merge", "disable", "merge_and_unload", "train_forward"}),
+            options=frozenset({"dora", "dropout"}),
+            notes={
+                **{k: f"torchtune {v}: LoRA/DoRA exist for linear layers only" for k in ("embedding", "mha")},
+                **{k: f"torchtune {v}: no conv LoRA" for k in ("conv1d", "conv2d", "conv3d")},
+                "multi_adapter": f"torchtune {v}: one adapter per layer",
+                "rslora": f"torchtune {v}: scaling is alpha / rank only",
+                "lora_bias": f"torchtune {v}: use_bias is the base layer's bias; LoRA has none",
+                "fan_in_fan_out": f"torchtune {v}: no GPT-2 Conv1D layers",
+                "unmerge": f"torchtune {v}: get_merged_lora_ckpt is one-way (LoRA keys are deleted)",
+                "exact_unmerge": f"torchtune {v}: no unmerge",
+                "merge_subset": f"torchtune {v}: one adapter per layer",
+                "safe_merge": f"torchtune {v}: get_merged_lora_ckpt has no finiteness check",
+                "set_active": f"torchtune {v}: one adapter per layer",
+                "set_scale": f"torchtune {v}: no scale API",
+                "scale_layer": f"torchtune {v}: no scale API",
+                "mixed_batch": f"torchtune {v}: no per-row adapters",
+                "delta_weight": f"torchtune {v}: no delta-weight function",
+                "merge": "merge = get_merged_lora_ckpt on the layer's state dict, loaded into nn.Linear",
+                "disable": "disable_adapter(model); after a merge there is no adapter left to disable",
+            },
+        )
+
+    def build(self, spec: LayerSpec) -> TorchtuneHandle:
+        peft = _peft()
+        if spec.kind != "linear":
+            raise Unsupported(f"torchtune has no LoRA for {spec.kind} layers")
+        if spec.fan_in_fan_out or len(spec.adapters) != 1:
+            raise Unsupported("torchtune has one adapter per linear layer and no fan_in_fan_out")
+        a = spec.adapters[0]
+        if a.use_rslora or a.bias is not None:
+            raise Unsupported("torchtune has no rsLoRA and no LoRA bias")
+        out_f, in_f = spec.weight.shape
+        cls = peft.DoRALinear if a.use_dora else peft.LoRALinear
+        layer = cls(
+            in_f, out_f, rank=a.r, alpha=a.alpha, dropout=a.dropout, use_bias=spec.base_bias is not None
+        )
+        layer.to(device=spec.device, dtype=spec.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(spec.weight)
+            if spec.base_bias is not None:
+                layer.bias.copy_(spec.base_bias)
+            layer.lora_a.weight.copy_(a.A)
+            layer.lora_b.weight.copy_(a.B)
+        if a.use_dora:
+            layer.initialize_dora_magnitude()
+            with torch.no_grad():
+                layer.magnitude.copy_(a.magnitude)
+        holder = _Holder(layer)
+        holder.eval()
+        return TorchtuneHandle(spec, holder)
+
+
+TARGET = TorchtuneTarget()

@@ -1,0 +1,150 @@
+"""Where the suite's time goes: total time of a profile, examples/s per property, and the share of time
+spent inside the target (its own arithmetic) versus the suite (generation, oracle, bounds, bookkeeping).
+
+    python scripts/benchmark.py --target reference --profile ci [--jobs 2] [--json out.json]
+
+The target is wrapped in a timing proxy, so every call a property makes into the implementation
+(build, forward, merge, ...) is counted as the target's; everything else is the suite's overhead.
+Timings are measurements, not tests: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from typing import Any
+
+from properties.catalogue import all_properties
+from properties.profiles import PROFILES
+from properties.runner import RunOptions, run_cell
+from properties.session import plan_cells
+from properties.targets.registry import load_target
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.depth = 0
+
+    def timed(self, fn):
+        def call(*args: Any, **kwargs: Any):
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.depth -= 1
+
+        return call
+
+
+class _TimedHandle:
+    def __init__(self, inner: Any, clock: _Clock):
+        self._inner, self._clock = inner, clock
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        return self._clock.timed(attr) if callable(attr) else attr
+
+
+class TimedTarget:
+    """A target proxy that charges every call into the implementation to ``clock``."""
+
+    def __init__(self, inner: Any, clock: _Clock):
+        self._inner, self._clock = inner, clock
+        self.name = inner.name
+
+    def version(self) -> str:
+        return self._inner.version()
+
+    def capabilities(self):
+        return self._inner.capabilities()
+
+    def build(self, spec):
+        return _TimedHandle(self._clock.timed(self._inner.build)(spec), self._clock)
+
+
+def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[str, Any]:
+    clock = _Clock()
+    target = TimedTarget(load_target(target_name), clock)
+    opts = RunOptions(target=target_name, profile=PROFILES[profile], seed=0, max_examples=max_examples)
+    catalogue = all_properties()
+    per_prop: dict[str, dict[str, float]] = defaultdict(lambda: {"seconds": 0.0, "examples": 0, "target": 0.0})
+    statuses: dict[str, int] = defaultdict(int)
+    started = time.perf_counter()
+    for cell in plan_cells():
+        before = clock.seconds
+        r = run_cell(target, catalogue[cell.property], cell, opts)
+        statuses[r.status] += 1
+        p = per_prop[cell.property]
+        p["seconds"] += r.duration_s
+        p["examples"] += r.examples
+        p["target"] += clock.seconds - before
+    total = time.perf_counter() - started
+    return {
+        "target": target_name,
+        "target_version": target.version(),
+        "profile": profile,
+        "cells": sum(statuses.values()),
+        "statuses": dict(statuses),
+        "total_s": total,
+        "target_s": clock.seconds,
+        "overhead_share": 1 - clock.seconds / total,
+        "per_property": {
+            k: {**v, "examples_per_s": v["examples"] / v["seconds"] if v["seconds"] else 0.0}
+            for k, v in per_prop.items()
+        },
+    }
+
+
+def parallel_wall_time(target_name: str, profile: str, jobs: int) -> float:
+    """Wall time of the real CLI with ``--jobs`` (what a CI job pays)."""
+    import subprocess
+
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "properties", "run", "--target", target_name, "--profile", profile, "--jobs", str(jobs)],
+        check=False,
+        capture_output=True,
+    )
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", action="append", help="repeatable; default: reference")
+    ap.add_argument("--profile", default="ci", choices=sorted(PROFILES))
+    ap.add_argument("--max-examples", type=int)
+    ap.add_argument("--jobs", type=int, default=0, help="also time the CLI with this many jobs")
+    ap.add_argument("--json", help="write the numbers here")
+    args = ap.parse_args(argv)
+    results = []
+    for name in args.target or ["reference"]:
+        res = benchmark(name, args.profile, args.max_examples)
+        if args.jobs:
+            res[f"cli_wall_s_jobs{args.jobs}"] = parallel_wall_time(name, args.profile, args.jobs)
+        results.append(res)
+        print(
+            f"\n{name} {res['target_version']} profile={args.profile}: {res['cells']} cells {res['statuses']}, "
+            f"{res['total_s']:.1f}s on one process; target arithmetic {res['target_s']:.1f}s, "
+            f"suite overhead {100 * res['overhead_share']:.0f}%"
+            + (f"; CLI with --jobs {args.jobs}: {res[f'cli_wall_s_jobs{args.jobs}']:.1f}s" if args.jobs else "")
+        )
+        print(f"{'property':<24}{'examples':>9}{'seconds':>9}{'ex/s':>8}{'target%':>9}")
+        for prop, v in res["per_property"].items():
+            share = 100 * v["target"] / v["seconds"] if v["seconds"] else 0
+            print(f"{prop:<24}{v['examples']:>9.0f}{v['seconds']:>9.2f}{v['examples_per_s']:>8.0f}{share:>8.0f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
