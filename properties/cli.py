@@ -36,17 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the property suite against a target")
-    run.add_argument("--target", default="auto", help="reference, peft, ... or module:attribute (default: auto)")
+    run.add_argument(
+        "--target", default="auto", help="reference, peft, ... or module:attribute (default: auto)"
+    )
     run.add_argument("--profile", choices=sorted(PROFILES), default="ci")
     run.add_argument("--max-examples", type=int, help="examples per cell (overrides the profile)")
     run.add_argument("--seed", type=int, help="global seed (default: 0 for ci, random otherwise; printed)")
     run.add_argument("--properties", type=_csv, help="comma-separated property ids")
     run.add_argument("--layers", type=_csv, help="comma-separated layer kinds")
     run.add_argument("--dtypes", type=_csv, help="comma-separated dtypes")
-    run.add_argument("--xfails", help="expected-failure file (property layer dtype  # reason)")
+    run.add_argument(
+        "--xfails",
+        default="auto",
+        help="expected-failure file (property layer dtype  # reason); 'auto' (default) uses the file "
+        "bundled for the target's release if there is one, 'none' uses none",
+    )
     run.add_argument("--report", help="directory for report.json, report.md and report.html")
     run.add_argument("--baseline", help="a report.json to compare with; regressions fail the run")
-    run.add_argument("--max-growth", type=float, default=2.0, help="worst-ratio growth that counts as regression")
+    run.add_argument(
+        "--max-growth", type=float, default=2.0, help="worst-ratio growth that counts as regression"
+    )
     run.add_argument("--jobs", type=int, default=1, help="worker processes (cells run in parallel)")
     run.add_argument("--shard", type=_shard, help="run shard i of n (deterministic), e.g. 2/4")
     run.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
@@ -56,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="CUDA: forbid fp16/bf16 reduced-precision reductions (torch allows them by default)",
     )
-    run.add_argument("--mkldnn", action="store_true", help="leave oneDNN on for CPU convs (slower on tiny shapes)")
+    run.add_argument(
+        "--mkldnn", action="store_true", help="leave oneDNN on for CPU convs (slower on tiny shapes)"
+    )
 
     sub.add_parser("targets", help="list built-in targets with availability and version")
     sub.add_parser("properties", help="list property ids and statements")
@@ -90,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from properties.runner import RunOptions
     from properties.session import plan_cells, start_run
     from properties.targets.registry import TargetLoadError
-    from properties.xfails import load_xfails
+    from properties.xfails import bundled_xfails, load_xfails
 
     profile = PROFILES[args.profile]
     seed = args.seed if args.seed is not None else (0 if profile.derandomize else random.randrange(2**31))
@@ -102,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _usage(f"--device {args.device}: CUDA is not available on this machine")
     try:
         cells = plan_cells(args.properties, args.layers, args.dtypes, args.shard)
-        xfails = load_xfails(args.xfails)
+        xfails = load_xfails(None if args.xfails in ("auto", "none") else args.xfails)
     except (ValueError, OSError) as e:
         return _usage(str(e))
     opts = RunOptions(
@@ -112,7 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_examples=args.max_examples,
         device=args.device,
         tf32=args.tf32,
-        reduced_precision_reduction=args.device.startswith("cuda") and not args.no_reduced_precision_reduction,
+        reduced_precision_reduction=args.device.startswith("cuda")
+        and not args.no_reduced_precision_reduction,
         mkldnn=args.mkldnn,
     )
     shard = f"{args.shard[0]}/{args.shard[1]}" if args.shard else None
@@ -124,6 +136,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - a target that cannot describe itself is a target error
         return _usage(f"target {target_name!r} is not usable: {type(e).__name__}: {e}")
     header = run.report.header
+    if args.xfails == "auto":
+        bundled = bundled_xfails(header.target, header.target_version)
+        if bundled:
+            run.xfails = load_xfails(bundled)
+            print(
+                f"using the expected failures bundled for {header.target} {header.target_version}: {bundled}"
+            )
     print(
         f"lora-conformance {header.suite_version}: target {header.target} {header.target_version}, "
         f"torch {header.torch_version}, {args.device}, profile {profile.name}, seed {seed}, "
@@ -154,7 +173,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nreports: {', '.join(str(p) for p in paths.values())}")
     status = 0 if report.ok else 1
     if args.baseline:
-        comparison = reporting.compare(reporting.load_report(args.baseline), report, max_growth=args.max_growth)
+        comparison = reporting.compare(
+            reporting.load_report(args.baseline), report, max_growth=args.max_growth
+        )
         print("\n" + comparison.format())
         status = status or (0 if comparison.ok else 1)
     print(closing_line(report, time.perf_counter() - started))

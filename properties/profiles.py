@@ -13,21 +13,13 @@ class Profile:
     target_ratio: bool  # hypothesis.target() on log(ratio) to climb toward the worst case
     cell_timeout_s: float  # a cell running longer is reported as a hang
     samples_kept: int  # samples stored per cell for reports
+    shrink_seconds: float  # time Hypothesis may spend shrinking a failure (fail fast in CI)
 
 
 PROFILES = {
-    "ci": Profile(
-        "ci", max_examples=12, derandomize=True, target_ratio=False, cell_timeout_s=120, samples_kept=64
-    ),
-    "dev": Profile(
-        "dev", max_examples=50, derandomize=False, target_ratio=False, cell_timeout_s=300, samples_kept=200
-    ),
+    "ci": Profile("ci", 12, True, False, cell_timeout_s=120, samples_kept=64, shrink_seconds=15),
+    "dev": Profile("dev", 50, False, False, cell_timeout_s=300, samples_kept=200, shrink_seconds=60),
     "thorough": Profile(
-        "thorough",
-        max_examples=400,
-        derandomize=False,
-        target_ratio=True,
-        cell_timeout_s=1800,
-        samples_kept=400,
+        "thorough", 400, False, True, cell_timeout_s=1800, samples_kept=400, shrink_seconds=300
     ),
 }

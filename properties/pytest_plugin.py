@@ -23,7 +23,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--lora-properties", default="", help="comma-separated property ids")
     g.addoption("--lora-layers", default="", help="comma-separated layer kinds")
     g.addoption("--lora-dtypes", default="", help="comma-separated dtypes")
-    g.addoption("--lora-xfails", default=None, help="expected-failure file")
+    g.addoption("--lora-xfails", default="auto", help="expected-failure file; 'auto': the bundled one")
     g.addoption("--lora-report", default=None, help="directory for report.json/.md/.html")
     g.addoption("--lora-device", default="cpu")
 
@@ -84,13 +84,25 @@ def lora_run(pytestconfig: pytest.Config):
     """The target and options, loaded once per process."""
     from properties.session import start_run
     from properties.targets.registry import TargetLoadError
-    from properties.xfails import load_xfails
 
     opts = _options(pytestconfig)
     try:
-        return start_run(opts.target, opts, load_xfails(pytestconfig.getoption("lora_xfails")))
+        return start_run(opts.target, opts, _xfail_rules(pytestconfig, opts.target))
     except TargetLoadError as e:
         pytest.exit(f"lora-conformance: {e}", returncode=2)
+
+
+def _xfail_rules(config: pytest.Config, target_name: str):
+    from properties.targets.registry import load_target
+    from properties.xfails import bundled_xfails, load_xfails
+
+    given = config.getoption("lora_xfails")
+    if given == "none":
+        return []
+    if given != "auto":
+        return load_xfails(given)
+    target = load_target(target_name)
+    return load_xfails(bundled_xfails(target.name, target.version()))
 
 
 @pytest.fixture
@@ -141,10 +153,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from properties import reporting
     from properties.results import CellResult
     from properties.session import start_run
-    from properties.xfails import load_xfails
 
     opts = _options(config)
-    run = start_run(opts.target, opts, load_xfails(config.getoption("lora_xfails")))
+    run = start_run(opts.target, opts, _xfail_rules(config, opts.target))
     run.report.cells = [CellResult.from_json(c) for c in collector.cells]
     run.report.header.interrupted = session.shouldstop is not False or session.shouldfail is not False
     paths = reporting.write_reports(run.report, out)

@@ -201,9 +201,7 @@ def _cost(cell: Cell, prop: Property) -> float:
     return weight * {"conv3d": 3.0, "mha": 2.0, "conv2d": 1.5}.get(cell.layer, 1.0)
 
 
-def start_run(
-    target_name: str, opts: RunOptions, xfails: list[XfailRule], shard: str | None = None
-) -> Run:
+def start_run(target_name: str, opts: RunOptions, xfails: list[XfailRule], shard: str | None = None) -> Run:
     target = load_target(target_name)
     header = make_header(target, opts, shard, list(sys.argv))
     return Run(target_name, target, opts, xfails, RunReport(header))

@@ -47,5 +47,15 @@ def load_xfails(path: str | Path | None) -> list[XfailRule]:
     return parse_xfails(Path(path).read_text()) if path else []
 
 
+BUNDLED = Path(__file__).parent / "targets" / "xfails"
+
+
+def bundled_xfails(target: str, version: str) -> Path | None:
+    """The expected-failure file shipped for ``target`` at ``version`` (``targets/xfails/NAME-VERSION.txt``),
+    so that ``lora-conformance run --target peft`` gates on "no new failures" for a known release."""
+    path = BUNDLED / f"{target}-{version}.txt"
+    return path if path.is_file() else None
+
+
 def match(rules: list[XfailRule], prop: str, layer: str, dtype: str) -> XfailRule | None:
     return next((r for r in rules if r.matches(prop, layer, dtype)), None)

@@ -4,43 +4,44 @@ Every mutant in ``tests/mutants.py`` carries one bug; its cell (``ci`` profile) 
 not ``error``: a crash is a different verdict — with a shrunk example and a replay command. The clean
 reference must pass a representative set of cells, so the kills are not bought with false alarms.
 The time to catch is printed as a table in the terminal summary (``tests/conftest.py``; no timing
-assertions). One run
-(2 shared cores, torch 2.13 CPU; examples include the shrink phase):
+assertions). One run (2 shared cores, torch 2.13 CPU; examples include the shrink phase), kill rate
+30/31:
 
-=================================  ==========================  =========  ========  =======
-mutant                             property                    cell       examples  seconds
-=================================  ==========================  =========  ========  =======
-scaling_inverted                   reference_forward           linear f32        3     0.8
-rslora_ignored                     reference_forward           linear f32       80     2.8
-set_scale_resets_to_alpha          set_scale_identity          linear f32       25     1.2
-unscale_reset_ignores_rslora       scaling_law                 linear f32      122     3.3
-scale_layer_first_only             scaling_law                 linear f32       49     1.1
-delta_scaled_1001                  reference_delta             linear f32        3     0.3
-fan_in_fan_out_reshaped            merge_equivalence           linear f32       30     1.6
-conv_groups_ignored                reference_delta             conv2d f32       32     1.6
-embedding_delta_reshaped           reference_delta             embed. f32       33     0.8
-mha_out_proj_not_merged            merge_equivalence           mha f32           3     0.2
-lora_bias_not_merged               merge_equivalence           linear f32       45     0.9
-dora_norm_frobenius                reference_forward           linear f32       27     1.1
-merge_not_marked                   merge_idempotent            linear f32        3     0.3
-unmerge_forgets_first              merge_roundtrip             linear f32        3     0.5
-unmerge_when_unmerged_subtracts    unmerge_noop                linear f32        3     0.8
-unmerge_only_first_cycle           merge_cycle_drift           linear f32       29     1.3
-exact_unmerge_subtracts            merge_roundtrip             linear bf16      20     0.6
-merge_from_original                merge_order                 linear f32       37     1.2
-merge_subset_merges_all            merge_subset                linear f32       62     1.4
-merge_keeps_float32                dtype_device_preserved      linear bf16       3     0.3
-merge_and_unload_returns_wrapper   merge_and_unload            linear f32        3     0.3
-merge_and_unload_skips_merge       merge_and_unload            linear f32        3     0.3
-safe_merge_writes_first            safe_merge_atomic           linear f32        3     0.4
-safe_merge_never_checks            safe_merge_atomic           linear f32        3     0.4
-safe_merge_always_raises           safe_merge_atomic           linear f32       12     --   NOT CAUGHT
-dropout_in_eval                    eval_dropout_identity       linear f32        3     0.3
-dropout_not_inverted               train_dropout_unbiased      linear f32       29     4.5
-dropout_on_base_path               train_dropout_unbiased      linear f32        3     0.4
-disable_ignored                    disable_exact               linear f32        3     0.2
-mixed_batch_rows_shifted           mixed_batch                 linear f32       92     1.6
-=================================  ==========================  =========  ========  =======
+================================  ======================  =================  ========  ==========
+mutant                            property                cell               examples     seconds
+================================  ======================  =================  ========  ==========
+scaling_inverted                  reference_forward       linear float32            3        0.51
+rslora_ignored                    reference_forward       linear float32           80        1.90
+set_scale_resets_to_alpha         set_scale_identity      linear float32           25        0.66
+unscale_reset_ignores_rslora      scaling_law             linear float32          122        1.87
+scale_layer_first_only            scaling_law             linear float32           49        0.74
+delta_scaled_1001                 reference_delta         linear float32            3        0.19
+fan_in_fan_out_reshaped           merge_equivalence       linear float32           30        0.76
+conv_groups_ignored               reference_delta         conv2d float32           32        1.60
+conv_branch_zero_pads             layer_options_honoured  conv2d float32           45        1.86
+embedding_delta_reshaped          reference_delta         embedding float32        33        0.83
+mha_out_proj_not_merged           merge_equivalence       mha float32               3        0.16
+lora_bias_not_merged              merge_equivalence       linear float32           45        0.87
+dora_norm_frobenius               reference_forward       linear float32           27        1.12
+merge_not_marked                  merge_idempotent        linear float32            3        0.22
+unmerge_forgets_first             merge_roundtrip         linear float32            3        0.20
+unmerge_when_unmerged_subtracts   unmerge_noop            linear float32            3        0.16
+unmerge_only_first_cycle          merge_cycle_drift       linear float32           29        0.56
+exact_unmerge_subtracts           merge_roundtrip         linear bfloat16          20        0.38
+merge_from_original               merge_order             linear float32           37        0.76
+merge_subset_merges_all           merge_subset            linear float32           62        0.67
+merge_keeps_float32               dtype_device_preserved  linear bfloat16           3        0.13
+merge_and_unload_returns_wrapper  merge_and_unload        linear float32            3        0.12
+merge_and_unload_skips_merge      merge_and_unload        linear float32            3        0.12
+safe_merge_writes_first           safe_merge_atomic       linear float32            3        0.18
+safe_merge_never_checks           safe_merge_atomic       linear float32            3        0.19
+safe_merge_always_raises          safe_merge_atomic       linear float32           12  not caught
+dropout_in_eval                   eval_dropout_identity   linear float32            3        0.25
+dropout_not_inverted              train_dropout_unbiased  linear float32           29        3.18
+dropout_on_base_path              train_dropout_unbiased  linear float32            3        0.46
+disable_ignored                   disable_exact           linear float32            3        0.22
+mixed_batch_rows_shifted          mixed_batch             linear float32           92        1.84
+================================  ======================  =================  ========  ==========
 
 ``safe_merge_always_raises`` survives because ``strategies.examples(..., hostile=True)`` returns an
 example that is already planted, so safe_merge_atomic's "clean" branch never sees finite weights (see
@@ -127,8 +128,9 @@ def test_mutants_patch_instances_only() -> None:
         (AdapterSpec("default", 1, 2.0, torch.ones(1, 3), torch.ones(2, 1), dropout=0.1),),
     )
     for m in MUTANTS.values():
-        h = m.target().build(spec)
-        h.forward(torch.ones(1, 3))
+        h = m.target().build(spec)  # every patch is applied at build time
+        if m.layer == "linear":
+            h.forward(torch.ones(1, 3))
     assert _class_methods() == CLASSES_AT_IMPORT
     # And a clean handle built now still behaves: merging once and again equals merging once.
     clean = TARGET.build(spec)
