@@ -7,6 +7,7 @@ target error (unknown target, import failure), with a one-line reason.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-growth", type=float, default=2.0, help="worst-ratio growth that counts as regression"
     )
     run.add_argument("--jobs", type=int, default=1, help="worker processes (cells run in parallel)")
+    run.add_argument("--cell-timeout", type=float, help="seconds before a cell counts as hung (default: profile)")
     run.add_argument("--shard", type=_shard, help="run shard i of n (deterministic), e.g. 2/4")
     run.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     run.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (the precision model follows)")
@@ -104,6 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from properties.xfails import bundled_xfails, load_xfails
 
     profile = PROFILES[args.profile]
+    if args.cell_timeout:
+        profile = dataclasses.replace(profile, cell_timeout_s=args.cell_timeout)
     seed = args.seed if args.seed is not None else (0 if profile.derandomize else random.randrange(2**31))
     target_name = _auto_target() if args.target == "auto" else args.target
     if args.device.startswith("cuda"):

@@ -10,7 +10,8 @@ rounding stages; they are derived below, not tuned:
   of ``A x``, of ``B(.)``, of ``s *``, of the sum and of the output: ``(gamma_{K+r}(u_a) + (3 + 2n) u_s) M``
   for ``n`` adapters. DoRA adds a norm (another ``gamma_K``) and the ``m / n`` factor (one ``u_s``).
 * merged forward: each merge writes ``round(W + delta)`` with ``delta`` from an ``r``-term product,
-  so the weights are off by ``(gamma_r(u_a) + 2 u_s)|W'|`` per merge, then the same product as above.
+  so the weights are off by ``(gamma_r(u_a) + 3 u_s)|W'|`` per merge (three roundings when the delta
+  is formed in the storage dtype: ``B @ A``, ``* s``, ``+ W``), then the same product as above.
   Both paths are covered by one bound, so merged vs unmerged compares against the sum of two.
 * merge -> unmerge round trip: two such weight writes per cycle, so ``c`` cycles give ``c`` times that.
 
@@ -141,7 +142,9 @@ def weights_expected(
     mag = oracle.merged_weights(spec, adapters, magnitude=True)
     r = max([spec.adapter(n).r for n in adapters] or [1])
     k = inner_dim(spec) if _n_dora(spec, adapters) else 0
-    per_write = arith.gamma(r + k) + (2 + 2 * (k > 0)) * arith.u
+    # One write: the r-term product, then up to three roundings to the storage dtype (B @ A, times s,
+    # plus W) for an implementation that forms the delta in the storage dtype, as PEFT does on GPU.
+    per_write = arith.gamma(r + k) + (3 + 2 * (k > 0)) * arith.u
     coeff = max(len(adapters), 1) * writes * per_write
     return {key: Expected(exact[key], coeff * mag[key], mag[key]) for key in exact}
 

@@ -7,6 +7,7 @@ that loads a factor transposed, in the wrong slot or with the wrong scaling is o
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 
@@ -127,6 +128,25 @@ def test_linear_forward_and_merge_match_the_formula(lib):
     torch.testing.assert_close(h.weights()["weight"], spec.weight + linear_delta(spec), **TOL)
     torch.testing.assert_close(h.weights()["bias"], spec.base_bias, rtol=0, atol=0)
     torch.testing.assert_close(h.forward(X), linear_expected(spec, X), **TOL)
+
+
+@pytest.mark.parametrize("lib", sorted(LIBRARIES))
+def test_forward_never_reseeds_torch(lib):
+    """The runner seeds once per example; a target that reseeds per forward makes every mask equal."""
+    target = _target(lib)
+    spec = linear_spec()
+    spec = spec.with_adapters((dataclasses.replace(spec.adapters[0], dropout=0.5),))
+    h = target.build(spec)
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        h.forward(X, train=True)
+        draws.append(torch.rand(8))
+    assert not torch.equal(draws[0], draws[1]), "a forward reseeded torch"
+    if lib != "lycoris":  # LyCORIS' rebuild forward never applies dropout (findings/libraries.md)
+        torch.manual_seed(3)
+        x = X.repeat(64, 1)
+        assert not torch.equal(h.forward(x, train=True), h.forward(x, train=True)), "identical dropout masks"
 
 
 # -- loralib --------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 from properties.targets.protocol import Target
 
@@ -28,6 +30,9 @@ def load_target(name: str) -> Target:
         known = ", ".join(sorted(BUILTIN))
         raise TargetLoadError(f"unknown target {name!r}: use one of {known} or 'module:attribute'")
     module_name, attr = path.split(":", 1)
+    if os.getcwd() not in sys.path:
+        # Like `python -m`, a user's module in the working directory is importable.
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's to see, in one line

@@ -1,0 +1,77 @@
+"""Small misbehaving targets for testing the runner and CLI (not the properties: see mutants.py)."""
+
+from __future__ import annotations
+
+import time
+
+from properties.targets.reference import ReferenceHandle, ReferenceTarget
+
+
+class _ScaledDeltaHandle(ReferenceHandle):
+    """Merges 1% too much: every merge-related number is wrong, the unmerged forward is right."""
+
+    def merge(self, *, adapter_names=None, safe=False):
+        for name in self.spec.active_adapters if adapter_names is None else adapter_names:
+            self.layer.scaling[name] *= 1.01
+        super().merge(adapter_names=adapter_names, safe=safe)
+
+
+class ScaledDeltaTarget(ReferenceTarget):
+    def __init__(self):
+        super().__init__()
+        self.name = "scaled-delta"
+
+    def build(self, spec):
+        return _ScaledDeltaHandle(spec, False)
+
+
+class _CrashHandle(ReferenceHandle):
+    def forward(self, x, **kw):
+        raise RuntimeError("boom from deep inside the library")
+
+
+class CrashTarget(ReferenceTarget):
+    def __init__(self):
+        super().__init__()
+        self.name = "crash"
+
+    def build(self, spec):
+        return _CrashHandle(spec, False)
+
+
+class _HangHandle(ReferenceHandle):
+    def forward(self, x, **kw):
+        time.sleep(30)
+        return super().forward(x, **kw)
+
+
+class HangTarget(ReferenceTarget):
+    def __init__(self):
+        super().__init__()
+        self.name = "hang"
+
+    def build(self, spec):
+        return _HangHandle(spec, False)
+
+
+class _SlowHandle(ReferenceHandle):
+    def forward(self, x, **kw):
+        time.sleep(0.3)
+        return super().forward(x, **kw)
+
+
+class SlowTarget(ReferenceTarget):
+    """Correct but slow: gives a test time to interrupt a run between cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.name = "slow"
+
+    def build(self, spec):
+        return _SlowHandle(spec, False)
+
+
+SCALED = ScaledDeltaTarget()
+CRASH = CrashTarget()
+HANG = HangTarget()
+SLOW = SlowTarget()
