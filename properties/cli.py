@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-growth", type=float, default=2.0, help="worst-ratio growth that counts as regression"
     )
     run.add_argument("--jobs", type=int, default=1, help="worker processes (cells run in parallel)")
-    run.add_argument("--cell-timeout", type=float, help="seconds before a cell counts as hung (default: profile)")
+    run.add_argument(
+        "--cell-timeout", type=float, help="seconds before a cell counts as hung (default: profile)"
+    )
     run.add_argument("--shard", type=_shard, help="run shard i of n (deterministic), e.g. 2/4")
     run.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     run.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (the precision model follows)")

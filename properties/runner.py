@@ -29,7 +29,7 @@ from hypothesis.errors import Flaky, Unsatisfiable
 from hypothesis.internal.conjecture import engine as hyp_engine
 
 from properties.catalogue import Context, Property, PropertyFailure
-from properties.isolation import isolated, pinned_backend
+from properties.isolation import cuda_flag_values, isolated, pinned_backend
 from properties.precision import Arithmetic
 from properties.profiles import Profile
 from properties.results import CellResult, Sample
@@ -61,6 +61,12 @@ class RunOptions:
     reduced_precision_reduction: bool = False
     threads: int | None = 1
     mkldnn: bool = False
+
+    @property
+    def cuda_flags(self) -> dict[str, bool] | None:
+        if not self.device.startswith("cuda"):
+            return None
+        return cuda_flag_values(self.tf32, self.reduced_precision_reduction)
 
     @property
     def examples(self) -> int:
@@ -243,7 +249,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
     try:
         with (
             _Alarm(opts.profile.cell_timeout_s),
-            pinned_backend(opts.threads, opts.mkldnn),
+            pinned_backend(opts.threads, opts.mkldnn, opts.cuda_flags),
             _shrink_budget(opts.profile.shrink_seconds),
         ):
             test()

@@ -66,13 +66,7 @@ def precision_flags(opts: RunOptions) -> dict[str, object]:
         "mkldnn": opts.mkldnn,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
-    if opts.device.startswith("cuda"):
-        flags.update(
-            cuda_matmul_allow_tf32=opts.tf32,
-            cudnn_allow_tf32=opts.tf32,
-            allow_fp16_reduced_precision_reduction=opts.reduced_precision_reduction,
-            allow_bf16_reduced_precision_reduction=opts.reduced_precision_reduction,
-        )
+    flags.update(opts.cuda_flags or {})
     return flags
 
 

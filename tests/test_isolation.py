@@ -146,3 +146,18 @@ def test_pinned_backend_pins_inside_and_restores(unusual_globals: dict[str, obje
         assert torch.get_num_threads() == unusual_globals["threads"]
         assert torch.backends.mkldnn.enabled is True
     _assert_same(unusual_globals, _state())
+
+
+def test_pinned_backend_pins_and_restores_cuda_precision_switches() -> None:
+    """The CUDA TF32 / reduced-precision switches are set for the cell and put back afterwards
+    (the attributes exist on CPU builds too, so this runs everywhere)."""
+    from properties.isolation import cuda_flag_values, pinned_backend
+
+    matmul = torch.backends.cuda.matmul
+    before = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction)
+    flags = cuda_flag_values(tf32=not before[0], reduced_precision_reduction=not before[2])
+    with pinned_backend(1, False, flags):
+        assert matmul.allow_tf32 is (not before[0])
+        assert torch.backends.cudnn.allow_tf32 is (not before[0])
+        assert matmul.allow_fp16_reduced_precision_reduction is (not before[2])
+    assert (matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction) == before

@@ -1,0 +1,44 @@
+"""PEFT DoRA conv layers with a bf16/fp16 base crash in train mode when dropout is on.
+
+``get_peft_model`` upcasts adapter weights to float32 by default (``autocast_adapter_dtype=True``), and the
+forward casts ``x`` to the adapter dtype. With ``lora_dropout > 0`` in train mode,
+``_DoraConvNdLayer.forward`` recomputes the base output as ``conv_fn(x, base_layer.weight)``: a float32 input
+against a bf16/fp16 weight, which raises ``RuntimeError: expected scalar type Float but found BFloat16``.
+(The eval path and DoRA Linear are fine.) Exit status 1 when the bug is present.
+"""
+
+import sys
+
+import peft
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+failures = []
+for dtype in (torch.bfloat16, torch.float16):
+    for conv, x_shape in ((nn.Conv1d, (1, 2, 3)), (nn.Conv2d, (1, 2, 3, 3))):
+        torch.manual_seed(0)
+        cfg = LoraConfig(target_modules=["layer"], r=1, lora_dropout=0.1, use_dora=True, init_lora_weights=False)
+        model = get_peft_model(Holder(conv(2, 2, 1, dtype=dtype)), cfg)
+        model.train()
+        try:
+            y = model(torch.randn(x_shape).to(dtype))
+            status = f"ok, output {y.dtype}"
+        except RuntimeError as e:
+            status = f"RuntimeError: {str(e).splitlines()[0]}"
+            failures.append(f"{conv.__name__} {dtype}")
+        print(f"  {conv.__name__} {dtype} train forward: {status}")
+ok = not failures
+print(f"peft {peft.__version__}: {'OK' if ok else 'FAIL'}: DoRA conv train forward in half precision"
+      + ("" if ok else f" crashes for {', '.join(failures)}"))
+sys.exit(0 if ok else 1)
