@@ -126,6 +126,7 @@ class Property:
     layers: tuple[LayerKind, ...] = LAYER_KINDS
     hostile: bool = False
     needs_data: bool = False
+    cost: float = 1.0  # relative cost of one example; a profile gives costly properties fewer
 
     def missing(self, caps: Capabilities) -> list[str]:
         return sorted(self.requires - caps.operations)
@@ -143,13 +144,16 @@ def prop(
     layers: tuple[LayerKind, ...] = LAYER_KINDS,
     hostile: bool = False,
     needs_data: bool = False,
+    cost: float = 1.0,
 ):
     """Register a property check under ``id``."""
 
     def deco(fn: Callable[[Context], None]) -> Callable[[Context], None]:
         if id in REGISTRY:
             raise ValueError(f"duplicate property id {id!r}")
-        REGISTRY[id] = Property(id, statement, fn, frozenset(requires), draw, layers, hostile, needs_data)
+        REGISTRY[id] = Property(
+            id, statement, fn, frozenset(requires), draw, layers, hostile, needs_data, cost
+        )
         return fn
 
     return deco

@@ -14,6 +14,11 @@ class Profile:
     cell_timeout_s: float  # a cell running longer is reported as a hang
     samples_kept: int  # samples stored per cell for reports
     shrink_seconds: float  # time Hypothesis may spend shrinking a failure (fail fast in CI)
+    min_examples: int = 6  # floor for costly properties, which get max_examples / cost
+
+    def examples_for(self, cost: float) -> int:
+        """Examples per cell for a property whose example costs ``cost`` ordinary ones."""
+        return max(min(self.min_examples, self.max_examples), round(self.max_examples / cost))
 
 
 PROFILES = {

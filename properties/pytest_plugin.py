@@ -150,6 +150,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     out = config.getoption("lora_report", None)
     if collector is None or not out:
         return
+    from datetime import datetime, timezone
+
     from properties import reporting
     from properties.results import CellResult
     from properties.session import start_run
@@ -158,5 +160,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     run = start_run(opts.target, opts, _xfail_rules(config, opts.target))
     run.report.cells = [CellResult.from_json(c) for c in collector.cells]
     run.report.header.interrupted = session.shouldstop is not False or session.shouldfail is not False
+    run.report.header.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     paths = reporting.write_reports(run.report, out)
     config.get_terminal_writer().line(f"lora-conformance reports: {', '.join(map(str, paths.values()))}")

@@ -68,9 +68,9 @@ class RunOptions:
             return None
         return cuda_flag_values(self.tf32, self.reduced_precision_reduction)
 
-    @property
-    def examples(self) -> int:
-        return self.max_examples or self.profile.max_examples
+    def examples(self, prop: Property | None = None) -> int:
+        """``--max-examples`` as given, else the profile's count scaled by the property's cost."""
+        return self.max_examples or self.profile.examples_for(prop.cost if prop else 1.0)
 
 
 class CellTimeout(BaseException):
@@ -235,7 +235,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             hyp_target(math.log(max(worst, 1e-300)), label="log error ratio")
 
     test = settings(
-        max_examples=opts.examples,
+        max_examples=opts.examples(prop),
         derandomize=False,
         database=None,
         deadline=None,

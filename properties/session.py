@@ -89,7 +89,7 @@ def make_header(target: Target, opts: RunOptions, shard: str | None, argv: list[
         precision_flags=precision_flags(opts),
         profile=opts.profile.name,
         seed=opts.seed,
-        max_examples=opts.examples,
+        max_examples=opts.examples(),
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         shard=shard,
         argv=argv,

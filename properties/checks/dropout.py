@@ -71,6 +71,7 @@ def bernstein_radius(var: torch.Tensor, span: torch.Tensor, n: int, alpha: float
     requires={"train_forward"},
     draw=_train_draw,
     layers=("linear", "conv1d", "conv2d", "conv3d"),
+    cost=8.0,  # TRAIN_SAMPLES + 8 forwards per example
 )
 def train_dropout_unbiased(ctx: Context) -> None:
     spec, x = ctx.spec, ctx.x

@@ -48,6 +48,7 @@ def merge_roundtrip(ctx: Context) -> None:
     "Repeated merge/unmerge cycles drift no more than the precision model allows for that many cycles.",
     requires={"merge", "unmerge"},
     needs_data=True,
+    cost=3.0,  # up to 30 cycles per example
 )
 def merge_cycle_drift(ctx: Context) -> None:
     cycles = ctx.draw(st.sampled_from((1, 3, 10, 30)), "cycles")
