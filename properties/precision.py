@@ -23,7 +23,7 @@ unless the device reduces in half precision (then ``u_a = u_s``). TF32 rounds fl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +61,16 @@ class Arithmetic:
     @property
     def u(self) -> float:
         return unit_roundoff(self.dtype)
+
+    @property
+    def eta(self) -> float:
+        """Absolute error of one rounding in the subnormal range: at most half the smallest
+        subnormal; we use the whole (half of float64's is not representable).
+
+        Higham's model is ``fl(a op b) = (a op b)(1 + d) + e`` with ``|e| <= eta``; the relative
+        term alone fails for results below the smallest normal (6.1e-5 in float16)."""
+        info = torch.finfo(self.dtype)
+        return info.tiny * info.eps
 
     def gamma(self, k: int) -> float:
         return gamma(k, self.u_acc)
@@ -116,12 +126,33 @@ def forward_expected(
     names = spec.active_adapters if adapters is None else list(adapters)
     if spec.kind == "mha":
         y, ey, mag = oracle.mha_forward_with_error(spec, x, names, scales or {}, (arith.gamma, arith.u))
-        return Expected(y, ey + arith.u * y.abs(), mag)
+        stages = 8 + 2 * len(names)  # projections, logits, softmax, values, output: one store each
+        return Expected(y, ey + arith.u * y.abs() + stages * arith.eta, mag)
     exact = oracle.forward(spec, x, adapters=names, scales=scales)
     mag = oracle.forward(spec, x, adapters=names, scales=scales, magnitude=True)
     k, r, nd = inner_dim(spec), _rank_total(spec, names), _n_dora(spec, names)
-    coeff = arith.gamma((1 + nd) * k + r) + (3 + 2 * len(names) + 2 * nd) * arith.u
-    return Expected(exact, coeff * mag, mag)
+    stages = 3 + 2 * len(names) + 2 * nd
+    coeff = arith.gamma((1 + nd) * k + r) + stages * arith.u
+    return Expected(exact, coeff * mag + _underflow(spec, names, scales or {}, stages, arith, exact), mag)
+
+
+def _underflow(spec: LayerSpec, names, scales: dict[str, float], stages: int, arith: Arithmetic, y):
+    """The absolute (subnormal) rounding errors, each carried to the output by what multiplies it
+    afterwards: ``A x`` is multiplied by ``|s| |B|`` (summed over the rank) and, with DoRA, the LoRA
+    term and ``W x`` by the factor ``|m / ||W + sBA|||``."""
+    if arith.eta == 0.0:
+        return torch.zeros_like(y)
+    gain = torch.zeros(y.shape[1] if spec.kind not in ("linear", "embedding") else y.shape[-1], dtype=y.dtype)
+    for name in names:
+        a = spec.adapter(name)
+        b_rows = a.B.detach().to("cpu", torch.float64).abs().flatten(1).sum(1)
+        f = (
+            oracle._dora_factor(spec, a, spec.weight.to("cpu", torch.float64), scales.get(name, 1.0)).abs()
+            if a.use_dora
+            else 0.0
+        )
+        gain = gain + abs(a.scaling * scales.get(name, 1.0)) * b_rows * (1 + f) + 2 * f
+    return arith.eta * (stages + oracle._out_view(spec, gain, y.dim()))
 
 
 def mixed_expected(spec: LayerSpec, x: torch.Tensor, rows: Sequence[str], arith: Arithmetic) -> Expected:
@@ -145,8 +176,9 @@ def weights_expected(
     # One write: the r-term product, then up to three roundings to the storage dtype (B @ A, times s,
     # plus W) for an implementation that forms the delta in the storage dtype, as PEFT does on GPU.
     per_write = arith.gamma(r + k) + (3 + 2 * (k > 0)) * arith.u
-    coeff = max(len(adapters), 1) * writes * per_write
-    return {key: Expected(exact[key], coeff * mag[key], mag[key]) for key in exact}
+    count = max(len(adapters), 1) * writes
+    coeff, floor = count * per_write, count * (3 + 2 * (k > 0)) * arith.eta
+    return {key: Expected(exact[key], coeff * mag[key] + floor, mag[key]) for key in exact}
 
 
 def roundtrip_expected(spec: LayerSpec, adapters: Sequence[str], arith: Arithmetic, cycles: int = 1):
@@ -189,11 +221,3 @@ def measure(
     rho = float(ratio.flatten()[i])
     err_u = e / (arith.u * m) if m > 0 else (0.0 if e == 0 else math.inf)
     return Sample(rho, err_u, inner, rank, quantity, cycles, e, b, m, abs(ref))
-
-
-def sum_expected(a: Expected, b: Expected) -> Expected:
-    """Two paths each within their bound of the same exact answer are within the sum of each other."""
-    return Expected(a.exact, a.bound + b.bound, torch.maximum(a.magnitude, b.magnitude))
-
-
-BoundFn = Callable[..., Expected]

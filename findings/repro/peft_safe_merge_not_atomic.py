@@ -27,7 +27,13 @@ class Holder(nn.Module):
 failures = []
 for base in (nn.Linear(3, 2), nn.Embedding(4, 2), nn.Conv2d(2, 2, 1), nn.MultiheadAttention(2, 1)):
     torch.manual_seed(0)
-    model = get_peft_model(Holder(base), LoraConfig(target_modules=["layer"], r=1, init_lora_weights=False))
+    try:
+        model = get_peft_model(
+            Holder(base), LoraConfig(target_modules=["layer"], r=1, init_lora_weights=False)
+        )
+    except ValueError:
+        print(f"  {type(base).__name__}: n/a (this release has no LoRA for it)")
+        continue
     model.add_adapter("other", LoraConfig(target_modules=["layer"], r=1, init_lora_weights=False))
     layer = model.get_base_model().layer
     layer.set_adapter(["default", "other"])
@@ -38,6 +44,8 @@ for base in (nn.Linear(3, 2), nn.Embedding(4, 2), nn.Conv2d(2, 2, 1), nn.Multihe
     try:
         layer.merge(safe_merge=True)
         outcome = "did not raise"
+    except AttributeError as e:
+        outcome = f"safe merge crashed: AttributeError: {e}"
     except ValueError:
         changed = [
             k
