@@ -63,6 +63,10 @@ class Context:
     ) -> Sample:
         """Compare against the precision model's bound; record the sample; fail when ratio > 1."""
         r = rank if rank is not None else sum(a.r for a in self.spec.adapters)
+        if tuple(actual.shape) != tuple(expected.exact.shape):
+            raise PropertyFailure(
+                f"{quantity}: shape {tuple(actual.shape)}, expected {tuple(expected.exact.shape)}"
+            )
         sample = measure(
             actual, expected, self.arith, quantity=quantity, inner=inner_dim(self.spec), rank=r, cycles=cycles
         )

@@ -154,10 +154,18 @@ def test_pinned_backend_pins_and_restores_cuda_precision_switches() -> None:
     from properties.isolation import cuda_flag_values, pinned_backend
 
     matmul = torch.backends.cuda.matmul
-    before = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction)
+    before = (
+        matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        matmul.allow_fp16_reduced_precision_reduction,
+    )
     flags = cuda_flag_values(tf32=not before[0], reduced_precision_reduction=not before[2])
     with pinned_backend(1, False, flags):
         assert matmul.allow_tf32 is (not before[0])
         assert torch.backends.cudnn.allow_tf32 is (not before[0])
         assert matmul.allow_fp16_reduced_precision_reduction is (not before[2])
-    assert (matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction) == before
+    assert (
+        matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        matmul.allow_fp16_reduced_precision_reduction,
+    ) == before

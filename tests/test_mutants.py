@@ -165,7 +165,7 @@ def test_clean_reference_passes(target, cell: Cell) -> None:
     """No false alarms: the reference passes, every example ran, and every ratio is within the bound."""
     result = _run(target, cell)
     assert result.status == "passed", f"{cell}: {result.status}: {result.message}\n{result.example}"
-    assert result.examples >= PROFILES["ci"].max_examples
+    assert result.examples >= PROFILES["ci"].examples_for(all_properties()[result.property].cost)
     assert result.max_ratio is None or result.max_ratio <= 1.0
     assert all(s.ratio <= 1.0 for s in result.samples)
 

@@ -24,11 +24,7 @@ PROPS = all_properties()
 CLEAN = PeftMutantTarget()
 CATCHES: list[tuple[str, str, str, int, float]] = []
 
-KNOWN_SURVIVORS = {
-    "dropout_not_inverted": "train_dropout_unbiased has little power against a (1 - p) bias on small layers: "
-    "with 200 samples the Bernstein radius at p = 0.5 is about 0.4 x the per-term spread, "
-    "comparable to the bias",
-}
+KNOWN_SURVIVORS: dict[str, str] = {}
 
 
 def _run(target: PeftMutantTarget, cell: Cell, max_examples: int | None = None) -> CellResult:

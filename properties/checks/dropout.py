@@ -66,8 +66,8 @@ def bernstein_radius(var: torch.Tensor, span: torch.Tensor, n: int, alpha: float
 @prop(
     "train_dropout_unbiased",
     "In train mode dropout touches only the LoRA input and is unbiased: the mean of many train outputs "
-    f"equals the eval output (false-alarm rate <= {FALSE_ALARM:g} per example), and with B = 0 every "
-    "train output equals the base output.",
+    f"equals the eval output (false-alarm rate <= {FALSE_ALARM:g} per example); for a one-entry input "
+    "each output is base or base + LoRA/(1-p); with B = 0 every train output equals the base output.",
     requires={"train_forward"},
     draw=_train_draw,
     layers=("linear", "conv1d", "conv2d", "conv3d"),
@@ -93,6 +93,7 @@ def train_dropout_unbiased(ctx: Context) -> None:
     ctx.check(
         mean, Expected(exp.exact, radius, exp.magnitude), f"mean of {TRAIN_SAMPLES} train outputs (p={p:g})"
     )
+    _single_entry_masks(ctx, h, p)
     zero_b = spec.with_adapters(
         (replace(a, B=torch.zeros_like(a.B), bias=None, use_dora=False, magnitude=None),)
     )
@@ -103,3 +104,51 @@ def train_dropout_unbiased(ctx: Context) -> None:
         if not torch.isfinite(y).all():
             raise PropertyFailure(f"train forward {i} with B = 0 is not finite")
         ctx.check(y, base, f"train output with B = 0 (forward {i}): dropout must not touch the base path")
+
+
+PROBE_SAMPLES = 64
+SURE = 1e-9  # only assert "some mask kept / dropped it" when the chance of not seeing it is below this
+
+
+def _single_entry_masks(ctx: Context, h, p: float) -> None:
+    """Feed an input with one non-zero entry: each train output must be exactly the base output
+    (entry dropped) or the base output plus ``1/(1-p)`` times the LoRA term (kept, inverted dropout).
+    This sees what a mean cannot: dropout that is not inverted, or never applied."""
+    spec, x = ctx.spec, ctx.x
+    probe = torch.zeros_like(x)
+    flat = x.reshape(-1)
+    i = int(torch.argmax(flat.abs().to(torch.float64)))
+    if flat[i] == 0:
+        return
+    probe.reshape(-1)[i] = flat[i]
+    exp = forward_expected(spec, probe, ctx.arith)
+    a = spec.adapters[0]
+    # Dropped: the LoRA input is zero, so only the LoRA bias (if any) is left of the adapter.
+    dropped = spec.with_adapters((replace(a, A=torch.zeros_like(a.A)),) if a.bias is not None else ())
+    base = forward_expected(dropped, probe, ctx.arith)
+    lora = exp.exact - base.exact
+    if lora.abs().max() <= 2 * (exp.bound.max() / (1 - p) + base.bound.max()):
+        return  # the LoRA term is lost in rounding: kept and dropped cannot be told apart
+    kept_exact = base.exact + lora / (1 - p)
+    tol = exp.bound / (1 - p) + base.bound
+    seen = {"kept": 0, "dropped": 0}
+    for _ in range(PROBE_SAMPLES):
+        y = h.forward(probe, train=True).detach().to("cpu", torch.float64)
+        if y.shape != kept_exact.shape:
+            raise PropertyFailure(f"train output shape {tuple(y.shape)}, expected {tuple(kept_exact.shape)}")
+        if ((y - kept_exact).abs() <= tol).all():
+            seen["kept"] += 1
+        elif ((y - base.exact).abs() <= tol).all():
+            seen["dropped"] += 1
+        else:
+            err = float(((y - kept_exact).abs() / tol).max())
+            raise PropertyFailure(
+                f"single-entry input (p={p:g}): a train output is neither the base output nor base + "
+                f"LoRA/(1-p) (inverted dropout); {err:.3g} x the bound away from the kept value"
+            )
+    if seen["kept"] == 0 and p**PROBE_SAMPLES < SURE:
+        raise PropertyFailure(f"p={p:g}: the LoRA input was dropped in all {PROBE_SAMPLES} train forwards")
+    if seen["dropped"] == 0 and (1 - p) ** PROBE_SAMPLES < SURE:
+        raise PropertyFailure(
+            f"p={p:g}: dropout never dropped the LoRA input in {PROBE_SAMPLES} train forwards"
+        )
