@@ -138,8 +138,8 @@ def forward_expected(
 
 def _underflow(spec: LayerSpec, names, scales: dict[str, float], stages: int, arith: Arithmetic, y):
     """The absolute (subnormal) rounding errors, each carried to the output by what multiplies it
-    afterwards: ``A x`` is multiplied by ``|s| |B|`` (summed over the rank) and, with DoRA, the LoRA
-    term and ``W x`` by the factor ``|m / ||W + sBA|||``."""
+    afterwards: the store of ``A x`` by ``|s| |B|`` (summed over the rank), of ``B(A x)`` by ``|s|``, of
+    ``s B A x`` by 1; with DoRA all of them, and ``W x``, also by the factor ``|m / ||W + sBA|||``."""
     if arith.eta == 0.0:
         return torch.zeros_like(y)
     gain = torch.zeros(y.shape[1] if spec.kind not in ("linear", "embedding") else y.shape[-1], dtype=y.dtype)
@@ -151,7 +151,8 @@ def _underflow(spec: LayerSpec, names, scales: dict[str, float], stages: int, ar
             if a.use_dora
             else 0.0
         )
-        gain = gain + abs(a.scaling * scales.get(name, 1.0)) * b_rows * (1 + f) + 2 * f
+        s_abs = abs(a.scaling * scales.get(name, 1.0))
+        gain = gain + (1 + f) * (s_abs * b_rows + s_abs + 1) + 2 * f
     return arith.eta * (stages + oracle._out_view(spec, gain, y.dim()))
 
 
@@ -178,6 +179,11 @@ def weights_expected(
     per_write = arith.gamma(r + k) + (3 + 2 * (k > 0)) * arith.u
     count = max(len(adapters), 1) * writes
     coeff, floor = count * per_write, count * (3 + 2 * (k > 0)) * arith.eta
+    for name in adapters:  # a DoRA merge scales every (possibly subnormal) rounding by its factor
+        a = spec.adapter(name)
+        if a.use_dora and floor:
+            f = oracle._dora_factor(spec, a, spec.weight.to("cpu", torch.float64), 1.0).abs().max()
+            floor = floor * (1 + float(f))
     return {key: Expected(exact[key], coeff * mag[key] + floor, mag[key]) for key in exact}
 
 

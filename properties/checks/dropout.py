@@ -142,9 +142,11 @@ def _single_entry_masks(ctx: Context, h, p: float) -> None:
             seen["dropped"] += 1
         else:
             err = float(((y - kept_exact).abs() / tol).max())
+            plain = ((y - (base.exact + lora)).abs() <= tol).all()
+            hint = " It equals base + LoRA: dropout not applied, or not inverted." if plain else ""
             raise PropertyFailure(
                 f"single-entry input (p={p:g}): a train output is neither the base output nor base + "
-                f"LoRA/(1-p) (inverted dropout); {err:.3g} x the bound away from the kept value"
+                f"LoRA/(1-p) (inverted dropout); {err:.3g} x the bound away from the kept value.{hint}"
             )
     if seen["kept"] == 0 and p**PROBE_SAMPLES < SURE:
         raise PropertyFailure(f"p={p:g}: the LoRA input was dropped in all {PROBE_SAMPLES} train forwards")
