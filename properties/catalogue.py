@@ -8,6 +8,7 @@ does not hold.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -60,8 +61,12 @@ class Context:
         *,
         rank: int | None = None,
         cycles: int | None = None,
+        statistical: bool = False,
     ) -> Sample:
-        """Compare against the precision model's bound; record the sample; fail when ratio > 1."""
+        """Compare against the precision model's bound; record the sample; fail when ratio > 1.
+
+        ``statistical``: the bound is a confidence radius, not rounding, so the error in units of
+        ``u M`` means nothing and is left out (NaN) of the rounding statistics."""
         r = rank if rank is not None else sum(a.r for a in self.spec.adapters)
         if tuple(actual.shape) != tuple(expected.exact.shape):
             raise PropertyFailure(
@@ -70,6 +75,8 @@ class Context:
         sample = measure(
             actual, expected, self.arith, quantity=quantity, inner=inner_dim(self.spec), rank=r, cycles=cycles
         )
+        if statistical:
+            sample.err_u = math.nan
         self.samples.append(sample)
         if not sample.ratio <= 1.0:
             raise PropertyFailure(

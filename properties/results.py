@@ -62,7 +62,7 @@ class CellResult:
         """Fill the max / median / p99 fields from ``samples``."""
         # A NaN ratio (NaN output) is as bad as it gets: count it as infinite, never drop it.
         ratios = sorted(math.inf if math.isnan(s.ratio) else s.ratio for s in self.samples)
-        errs = sorted(math.inf if math.isnan(s.err_u) else s.err_u for s in self.samples)
+        errs = sorted(s.err_u for s in self.samples if not math.isnan(s.err_u))  # NaN: statistical
         if ratios:
             self.max_ratio, self.median_ratio, self.p99_ratio = _stats(ratios)
         if errs:
