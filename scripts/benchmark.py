@@ -75,7 +75,9 @@ def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[
     target = TimedTarget(load_target(target_name), clock)
     opts = RunOptions(target=target_name, profile=PROFILES[profile], seed=0, max_examples=max_examples)
     catalogue = all_properties()
-    per_prop: dict[str, dict[str, float]] = defaultdict(lambda: {"seconds": 0.0, "examples": 0, "target": 0.0})
+    per_prop: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"seconds": 0.0, "examples": 0, "target": 0.0}
+    )
     statuses: dict[str, int] = defaultdict(int)
     started = time.perf_counter()
     for cell in plan_cells():
@@ -103,17 +105,31 @@ def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[
     }
 
 
-def parallel_wall_time(target_name: str, profile: str, jobs: int) -> float:
-    """Wall time of the real CLI with ``--jobs`` (what a CI job pays)."""
+def parallel_wall_time(target_name: str, profile: str, jobs: int) -> tuple[float, int, str]:
+    """Wall time, exit status and closing line of the real CLI with ``--jobs`` (what a CI job pays,
+    bundled expected failures included)."""
     import subprocess
 
     start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "properties", "run", "--target", target_name, "--profile", profile, "--jobs", str(jobs)],
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "properties",
+            "run",
+            "--target",
+            target_name,
+            "--profile",
+            profile,
+            "--jobs",
+            str(jobs),
+        ],
         check=False,
         capture_output=True,
+        text=True,
     )
-    return time.perf_counter() - start
+    closing = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr.strip()[-200:]
+    return time.perf_counter() - start, out.returncode, closing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,18 +144,31 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.target or ["reference"]:
         res = benchmark(name, args.profile, args.max_examples)
         if args.jobs:
-            res[f"cli_wall_s_jobs{args.jobs}"] = parallel_wall_time(name, args.profile, args.jobs)
+            wall, status, closing = parallel_wall_time(name, args.profile, args.jobs)
+            res[f"cli_wall_s_jobs{args.jobs}"], res["cli_exit_status"], res["cli_closing_line"] = (
+                wall,
+                status,
+                closing,
+            )
         results.append(res)
         print(
             f"\n{name} {res['target_version']} profile={args.profile}: {res['cells']} cells {res['statuses']}, "
             f"{res['total_s']:.1f}s on one process; target arithmetic {res['target_s']:.1f}s, "
             f"suite overhead {100 * res['overhead_share']:.0f}%"
-            + (f"; CLI with --jobs {args.jobs}: {res[f'cli_wall_s_jobs{args.jobs}']:.1f}s" if args.jobs else "")
+            + (
+                f"; CLI with --jobs {args.jobs}: {res[f'cli_wall_s_jobs{args.jobs}']:.1f}s"
+                if args.jobs
+                else ""
+            )
         )
+        if args.jobs:
+            print(f"CLI exit status {res['cli_exit_status']}: {res['cli_closing_line']}")
         print(f"{'property':<24}{'examples':>9}{'seconds':>9}{'ex/s':>8}{'target%':>9}")
         for prop, v in res["per_property"].items():
             share = 100 * v["target"] / v["seconds"] if v["seconds"] else 0
-            print(f"{prop:<24}{v['examples']:>9.0f}{v['seconds']:>9.2f}{v['examples_per_s']:>8.0f}{share:>8.0f}%")
+            print(
+                f"{prop:<24}{v['examples']:>9.0f}{v['seconds']:>9.2f}{v['examples_per_s']:>8.0f}{share:>8.0f}%"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

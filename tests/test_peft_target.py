@@ -254,10 +254,12 @@ def test_conv_groups_forward_exact_merge_unsupported() -> None:
 
 
 @pytest.mark.parametrize(("dilation", "mode"), [(2, "zeros"), (1, "reflect")])
-def test_conv_dilation_and_padding_mode_are_declared_and_differ(dilation: int, mode: str) -> None:
-    """Declared on purpose: PEFT accepts these layers silently but its lora_A conv has no dilation and
-    always zero-pads, so the suite must see (and report) the disagreement rather than skip it."""
-    assert {"conv_dilation", "padding_mode"} <= CAPS.options
+def test_conv_dilation_and_padding_mode_are_not_declared_and_differ(dilation: int, mode: str) -> None:
+    """PEFT accepts these layers silently but its lora_A conv has no dilation and always zero-pads. The
+    options are not declared (so merge properties test what PEFT implements); layer_options_honoured
+    draws them anyway and reports the disagreement, which this test pins down."""
+    assert not {"conv_dilation", "padding_mode"} & CAPS.options
+    assert "layer_options_honoured" in CAPS.notes["conv_dilation"]
     need(kind="conv2d")
     spec = conv_spec("conv2d", dilation=dilation, padding="same" if dilation > 1 else 1, mode=mode)
     x = rand(torch.Generator().manual_seed(1), 2, 2, 6, 6)
