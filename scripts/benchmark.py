@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         results.append(res)
         print(
-            f"\n{name} {res['target_version']} profile={args.profile}: {res['cells']} cells {res['statuses']}, "
+            f"\n{name} {res['target_version']} profile={args.profile}: "
+            f"{res['cells']} cells {res['statuses']}, "
             f"{res['total_s']:.1f}s on one process; target arithmetic {res['target_s']:.1f}s, "
             f"suite overhead {100 * res['overhead_share']:.0f}%"
             + (
