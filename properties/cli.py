@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("targets", help="list built-in targets with availability and version")
     sub.add_parser("properties", help="list property ids and statements")
 
-    rep = sub.add_parser("report", help="render report.md and report.html from a report.json")
-    rep.add_argument("json", help="report.json")
+    rep = sub.add_parser(
+        "report", help="render the reports from a report.json, or rebuild them from a dead run's cells.jsonl"
+    )
+    rep.add_argument("json", help="report.json, or the cells.jsonl journal a killed run left")
     rep.add_argument("--out", help="output directory (default: the json's directory)")
 
     cmp_ = sub.add_parser("compare", help="compare two report.json files; exit 1 on regressions")
@@ -158,10 +160,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = Progress(len(cells))
     out_dir = Path(args.report) if args.report else None
 
+    journal = reporting.Journal(out_dir, run.report) if out_dir else None
+    last_write = {"at": time.perf_counter(), "cost": 0.0}
+
     def sink(result) -> None:
         progress(result)
-        if out_dir:
+        if journal is None:
+            return
+        journal.append(result)
+        # report.json grows with every cell; rewriting it each time would cost O(cells^2). The journal
+        # already holds the cell, so refresh the report only when that keeps its cost under 10%.
+        now = time.perf_counter()
+        if now - last_write["at"] >= max(2.0, 10 * last_write["cost"]):
             reporting.write_reports(run.report, out_dir, formats=("json",))
+            last_write["at"] = time.perf_counter()
+            last_write["cost"] = last_write["at"] - now
 
     started = time.perf_counter()
     report = run.execute(cells, args.jobs, sink)
@@ -176,6 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\nxfail lines that matched no cell: " + "; ".join(report.header.unmatched_xfails))
     if out_dir:
         paths = reporting.write_reports(report, out_dir)
+        journal.close(remove=True)
         print(f"\nreports: {', '.join(str(p) for p in paths.values())}")
     status = 0 if report.ok else 1
     if args.baseline:

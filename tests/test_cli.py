@@ -133,7 +133,8 @@ def test_xfails_turn_a_known_failure_into_xfailed_and_report_unmatched_lines(tmp
     assert "matched no cell: line 2: merge_roundtrip conv9d *" in out.stdout
 
 
-def test_interrupted_run_keeps_finished_cells_in_a_valid_report(tmp_path):
+def _slow_run_with_report(tmp_path: Path) -> subprocess.Popen:
+    """A run of a slow target writing reports to tmp_path; returns once its journal holds a cell."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [
@@ -156,18 +157,41 @@ def test_interrupted_run_keeps_finished_cells_in_a_valid_report(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    report = tmp_path / "report.json"
+    journal = tmp_path / "cells.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and not (report.exists() and json.loads(report.read_text())["cells"]):
-        time.sleep(0.5)
+    while time.time() < deadline and not (journal.exists() and len(journal.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    return proc
+
+
+def test_interrupted_run_keeps_finished_cells_in_a_valid_report(tmp_path):
+    proc = _slow_run_with_report(tmp_path)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    data = json.loads(report.read_text())
+    data = json.loads((tmp_path / "report.json").read_text())
     assert data["header"]["interrupted"] is True
     assert 1 <= len(data["cells"]) < len(plan_cells(layers=["linear"]))
     assert "INTERRUPTED" in out
     assert not list(tmp_path.glob("*.tmp*")), "a temporary file was left behind"
+    assert not (tmp_path / "cells.jsonl").exists(), "the journal outlived a report that was written"
+
+
+def test_killed_run_leaves_a_journal_that_rebuilds_the_report(tmp_path):
+    proc = _slow_run_with_report(tmp_path)
+    proc.kill()  # SIGKILL: no handler runs, no final report is written
+    proc.communicate(timeout=60)
+    journal = tmp_path / "cells.jsonl"
+    finished = len(journal.read_text().splitlines()) - 1
+    assert finished >= 1
+    with journal.open("a") as f:
+        f.write('{"property": "torn')  # a line cut short by the kill is ignored
+    out = cli("report", str(journal), "--out", str(tmp_path / "rebuilt"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads((tmp_path / "rebuilt" / "report.json").read_text())
+    assert len(data["cells"]) == finished
+    assert data["header"]["interrupted"] is True
+    assert (tmp_path / "rebuilt" / "report.html").exists()
 
 
 def test_shards_partition_the_cells_deterministically():

@@ -13,6 +13,7 @@ from pathlib import Path
 from properties.reporting._atomic import atomic_write, atomic_write_text
 from properties.reporting.compare import Change, Comparison, compare
 from properties.reporting.html import render_html
+from properties.reporting.journal import Journal
 from properties.reporting.json_report import ReportError, load_report, write_json
 from properties.reporting.markdown import render_markdown
 from properties.reporting.shards import ShardMergeError, merge_reports
@@ -21,6 +22,7 @@ from properties.results import RunReport
 __all__ = [
     "Change",
     "Comparison",
+    "Journal",
     "ReportError",
     "ShardMergeError",
     "atomic_write",

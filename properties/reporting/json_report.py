@@ -26,19 +26,20 @@ class ReportError(ValueError):
     """The file is not a report this version of the suite can read."""
 
 
-def _encode(obj: Any) -> Any:
+def encode_floats(obj: Any) -> Any:
+    """``obj`` with non-finite floats replaced by their strict-JSON string names."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
     if isinstance(obj, dict):
-        return {k: _encode(v) for k, v in obj.items()}
+        return {k: encode_floats(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_encode(v) for v in obj]
+        return [encode_floats(v) for v in obj]
     return obj
 
 
 def to_json_obj(report: RunReport) -> dict[str, Any]:
     """The JSON document for ``report`` (plain dicts / lists, non-finite floats as strings)."""
-    return _encode(report.to_json())
+    return encode_floats(report.to_json())
 
 
 def write_json(report: RunReport, path: str | os.PathLike[str]) -> Path:
@@ -82,7 +83,14 @@ def from_json_obj(doc: Any, source: str = "report") -> RunReport:
 
 
 def load_report(path: str | os.PathLike[str]) -> RunReport:
-    """Read a ``report.json`` written by ``write_json``."""
+    """Read a ``report.json`` written by ``write_json`` (or the ``cells.jsonl`` journal of a dead run)."""
+    if str(path).endswith(".jsonl"):
+        from properties.reporting.journal import read_journal
+
+        try:
+            return read_journal(path)
+        except UnicodeDecodeError as e:
+            raise ReportError(f"{path}: not a LoRA conformance journal (not UTF-8 text)") from e
     try:
         text = Path(path).read_text(encoding="utf-8")
         doc = json.loads(text)
