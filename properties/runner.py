@@ -8,7 +8,6 @@ capability the property needs; the reason is given) or ``xfailed`` (decided by t
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shlex
 import signal
@@ -26,9 +25,9 @@ from hypothesis import seed as hyp_seed
 from hypothesis import strategies as st
 from hypothesis import target as hyp_target
 from hypothesis.errors import Flaky, Unsatisfiable
-from hypothesis.internal.conjecture import engine as hyp_engine
 
 from properties.catalogue import Context, Property, PropertyFailure
+from properties.hypothesis_pins import fixed_constants, shrink_budget
 from properties.isolation import cuda_flag_values, isolated, pinned_backend
 from properties.precision import Arithmetic
 from properties.profiles import Profile
@@ -150,23 +149,6 @@ class _Alarm:
             signal.signal(signal.SIGALRM, self.old)
 
 
-@contextlib.contextmanager
-def _shrink_budget(seconds: float):
-    """Bound the time Hypothesis spends shrinking one failure (its default is 300 s).
-
-    Hypothesis has no public setting for this; the engine reads a module constant when shrinking
-    starts. Without it, a failure whose example costs 200 forwards can hold a CI cell for minutes.
-    """
-    old = getattr(hyp_engine, "MAX_SHRINKING_SECONDS", None)
-    if old is not None:
-        hyp_engine.MAX_SHRINKING_SECONDS = seconds
-    try:
-        yield
-    finally:
-        if old is not None:
-            hyp_engine.MAX_SHRINKING_SECONDS = old
-
-
 def skip_reason(target: Target, prop: Property, cell: Cell) -> str | None:
     """Why this target cannot run this cell at all, or None."""
     caps = target.capabilities()
@@ -250,7 +232,8 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         with (
             _Alarm(opts.profile.cell_timeout_s),
             pinned_backend(opts.threads, opts.mkldnn, opts.cuda_flags),
-            _shrink_budget(opts.profile.shrink_seconds),
+            shrink_budget(opts.profile.shrink_seconds),
+            fixed_constants(),
         ):
             test()
     except CellTimeout:
