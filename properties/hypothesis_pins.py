@@ -52,13 +52,20 @@ def fixed_constants() -> Iterator[None]:
     if hyp_providers is None or not hasattr(hyp_providers, "_get_local_constants"):
         yield
         return
-    empty = _no_local_constants()
-    cache = type(hyp_providers.CONSTANTS_CACHE)(1024)  # a private cache: never one filled elsewhere
+    global _PINNED
+    if _PINNED is None:
+        # Our own cache of allowed constants per draw kind, kept across cells: it only ever holds
+        # Hypothesis's global constants, never local ones filled by other tests in this process.
+        _PINNED = (_no_local_constants(), type(hyp_providers.CONSTANTS_CACHE)(1024))
+    empty, cache = _PINNED
     with (
         _patched(hyp_providers, "_get_local_constants", lambda *_: empty),
         _patched(hyp_providers, "CONSTANTS_CACHE", cache),
     ):
         yield
+
+
+_PINNED: tuple[object, object] | None = None
 
 
 @contextlib.contextmanager
