@@ -27,7 +27,7 @@ from hypothesis import target as hyp_target
 from hypothesis.errors import Flaky, Unsatisfiable
 
 from properties.catalogue import Context, Property, PropertyFailure
-from properties.hypothesis_pins import fixed_constants, shrink_budget
+from properties.hypothesis_pins import fixed_constants, shrink_budget, without_database_key
 from properties.isolation import cuda_flag_values, isolated, pinned_backend
 from properties.precision import Arithmetic
 from properties.profiles import Profile
@@ -237,7 +237,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         verbosity=Verbosity.quiet,
         phases=(Phase.generate, Phase.target, Phase.shrink),
         suppress_health_check=list(HealthCheck),
-    )(hyp_seed(cell_seed(opts.seed, cell))(given(strategy)(one_example)))
+    )(hyp_seed(cell_seed(opts.seed, cell))(without_database_key(given(strategy)(one_example))))
 
     try:
         with (

@@ -4,13 +4,16 @@ spent inside the target (its own arithmetic) versus the suite (generation, oracl
     python scripts/benchmark.py --target reference --profile ci [--jobs 2] [--json out.json]
 
 The target is wrapped in a timing proxy, so every call a property makes into the implementation
-(build, forward, merge, ...) is counted as the target's; everything else is the suite's overhead.
+(build, forward, merge, ...) is counted as the target's; everything else is the suite's overhead,
+split into example generation, the float64 oracle with its bounds, and the rest (Hypothesis's engine,
+isolation, bookkeeping).
 Timings are measurements, not tests: nothing here asserts a speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -70,8 +73,76 @@ class TimedTarget:
         return _TimedHandle(self._clock.timed(self._inner.build)(spec), self._clock)
 
 
+_ORACLE_MODULES = (
+    "properties.oracle",
+    "properties.precision",
+    "properties.catalogue",
+    "properties.checks.equivalence",
+    "properties.checks.state",
+    "properties.checks.scaling",
+    "properties.checks.dropout",
+)
+_ORACLE_FUNCTIONS = (
+    "forward",
+    "mixed_forward",
+    "merged_weights",
+    "delta_weights",
+    "lora_delta",
+    "forward_expected",
+    "mixed_expected",
+    "weights_expected",
+    "roundtrip_expected",
+    "delta_expected",
+    "measure",
+)
+
+
+@contextlib.contextmanager
+def _timed_suite_parts(oracle: _Clock, generation: _Clock):
+    """Charge the float64 oracle + bounds and example generation to their own clocks.
+
+    Generation is timed around the whole ``examples`` draw: Hypothesis's choices for the structure
+    plus filling the tensors from the drawn seed.
+    """
+    import importlib
+
+    from hypothesis import strategies as st
+
+    import properties.runner as runner_module
+
+    saved: list[tuple[object, str, object]] = []
+    for mod_name in _ORACLE_MODULES:
+        mod = importlib.import_module(mod_name)
+        for fn in _ORACLE_FUNCTIONS:
+            if callable(getattr(mod, fn, None)):
+                saved.append((mod, fn, getattr(mod, fn)))
+                setattr(mod, fn, oracle.timed(getattr(mod, fn)))
+    real_examples = runner_module.examples
+
+    def timed_examples(*args: Any, **kwargs: Any):
+        inner = real_examples(*args, **kwargs)
+
+        @st.composite
+        def timed(draw):
+            start = time.perf_counter()
+            try:
+                return draw(inner)
+            finally:
+                generation.seconds += time.perf_counter() - start
+
+        return timed()
+
+    saved.append((runner_module, "examples", real_examples))
+    runner_module.examples = timed_examples
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
 def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[str, Any]:
-    clock = _Clock()
+    clock, oracle_clock, generation_clock = _Clock(), _Clock(), _Clock()
     target = TimedTarget(load_target(target_name), clock)
     opts = RunOptions(target=target_name, profile=PROFILES[profile], seed=0, max_examples=max_examples)
     catalogue = all_properties()
@@ -80,15 +151,17 @@ def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[
     )
     statuses: dict[str, int] = defaultdict(int)
     started = time.perf_counter()
-    for cell in plan_cells():
-        before = clock.seconds
-        r = run_cell(target, catalogue[cell.property], cell, opts)
-        statuses[r.status] += 1
-        p = per_prop[cell.property]
-        p["seconds"] += r.duration_s
-        p["examples"] += r.examples
-        p["target"] += clock.seconds - before
+    with _timed_suite_parts(oracle_clock, generation_clock):
+        for cell in plan_cells():
+            before = clock.seconds
+            r = run_cell(target, catalogue[cell.property], cell, opts)
+            statuses[r.status] += 1
+            p = per_prop[cell.property]
+            p["seconds"] += r.duration_s
+            p["examples"] += r.examples
+            p["target"] += clock.seconds - before
     total = time.perf_counter() - started
+    rest = total - clock.seconds - oracle_clock.seconds - generation_clock.seconds
     return {
         "target": target_name,
         "target_version": target.version(),
@@ -98,6 +171,11 @@ def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[
         "total_s": total,
         "target_s": clock.seconds,
         "overhead_share": 1 - clock.seconds / total,
+        "overhead_s": {
+            "generation": generation_clock.seconds,
+            "oracle_and_bounds": oracle_clock.seconds,
+            "engine_and_bookkeeping": rest,
+        },
         "per_property": {
             k: {**v, "examples_per_s": v["examples"] / v["seconds"] if v["seconds"] else 0.0}
             for k, v in per_prop.items()
@@ -162,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 else ""
             )
         )
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in res["overhead_s"].items())
+        print(f"suite overhead by part: {parts}")
         if args.jobs:
             print(f"CLI exit status {res['cli_exit_status']}: {res['cli_closing_line']}")
         print(f"{'property':<24}{'examples':>9}{'seconds':>9}{'ex/s':>8}{'target%':>9}")
