@@ -16,18 +16,10 @@ pulls multi-GB CUDA wheels. PEFT releases have their own script (``scripts/peft_
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
-import time
-import venv
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-ENVS = REPO / "envs"
-TORCH = "torch==2.13.0"
-TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
+import _venv
 
 LIBRARIES: dict[str, list[str]] = {
     # No declared dependencies at all.
@@ -42,64 +34,31 @@ LIBRARIES: dict[str, list[str]] = {
 
 
 def env_dir(lib: str) -> Path:
-    return ENVS / lib
-
-
-def env_python(lib: str) -> Path:
-    return env_dir(lib) / "bin" / "python"
+    return _venv.ENVS / lib
 
 
 def create(lib: str) -> float:
     """Create (or refresh) ``envs/<lib>``; returns the seconds it took."""
-    start = time.monotonic()
-    venv.create(env_dir(lib), with_pip=True, clear=False)
-    cmd = [str(env_python(lib)), "-m", "pip", "install", "-q", TORCH, *LIBRARIES[lib], *TEST_DEPS]
-    cmd += ["-e", str(REPO)]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    took = time.monotonic() - start
-    print(f"{lib}: ready in {took:.0f} s", flush=True)
-    return took
+    return _venv.create(env_dir(lib), LIBRARIES[lib])
 
 
 def run(lib: str, command: list[str]) -> int:
-    """Run ``command`` with the environment's ``bin/`` first on PATH; returns its exit status."""
-    if not env_python(lib).exists():
-        raise SystemExit(f"no environment for {lib}: run `python scripts/envs.py create {lib}` first")
-    env = {
-        **os.environ,
-        "VIRTUAL_ENV": str(env_dir(lib)),
-        "PATH": str(env_dir(lib) / "bin") + os.pathsep + os.environ["PATH"],
-    }
-    env.pop("PYTHONHOME", None)
-    return subprocess.run(command, cwd=REPO, env=env).returncode
+    """Run ``command`` inside ``envs/<lib>``; returns its exit status."""
+    missing = f"no environment for {lib}: run `python scripts/envs.py create {lib}` first"
+    return _venv.run(env_dir(lib), command, missing)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p_create = sub.add_parser("create", help="create envs/<lib> (one at a time: installs are heavy)")
-    p_create.add_argument("libs", nargs="+", choices=[*LIBRARIES, "all"])
-    p_run = sub.add_parser("run", help="run a command inside envs/<lib>")
-    p_run.add_argument("lib", choices=list(LIBRARIES))
-    p_run.add_argument("command", nargs=argparse.REMAINDER, help="-- command...")
-    sub.add_parser("list", help="list the environments that exist")
-    args = parser.parse_args(argv)
-
+    helps = ("create envs/<lib> (one at a time: installs are heavy)", "run a command inside envs/<lib>")
+    args = _venv.parse_args(argv, __doc__, "lib", helps, choices=list(LIBRARIES))
     if args.cmd == "create":
-        libs = list(LIBRARIES) if "all" in args.libs else args.libs
-        for lib in libs:
+        for lib in list(LIBRARIES) if "all" in args.libs else args.libs:
             create(lib)
         return 0
     if args.cmd == "run":
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        if not command:
-            parser.error("run needs a command after --")
-        return run(args.lib, command)
+        return run(args.lib, args.command)
     for lib in LIBRARIES:
-        if env_python(lib).exists():
+        if _venv.python_of(env_dir(lib)).exists():
             print(lib)
     return 0
 

@@ -14,17 +14,10 @@ them. torch is always pinned, because an unpinned resolve pulls multi-GB CUDA wh
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
-import time
-import venv
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-ENVS = REPO / "envs"
-TORCH = "torch==2.13.0"
+import _venv
 
 # PEFT release (major.minor) -> companions released around the same time. Releases not listed get the
 # pairing of the nearest older listed one; the newest entry leaves transformers 5 free, which needs
@@ -44,7 +37,6 @@ PAIRS: dict[tuple[int, int], list[str]] = {
     (0, 18): ["transformers==4.57.6", "accelerate==1.11.0", "huggingface_hub<1.0"],
     (0, 19): ["transformers>=5,<6", "accelerate>=1.12"],
 }
-TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
 
 
 def companions(version: str) -> list[str]:
@@ -57,63 +49,31 @@ def companions(version: str) -> list[str]:
 
 
 def env_dir(version: str) -> Path:
-    return ENVS / f"peft-{version}"
-
-
-def env_python(version: str) -> Path:
-    return env_dir(version) / "bin" / "python"
+    return _venv.ENVS / f"peft-{version}"
 
 
 def create(version: str) -> float:
     """Create (or refresh) ``envs/peft-<version>``; returns the seconds it took."""
-    start = time.monotonic()
-    venv.create(env_dir(version), with_pip=True, clear=False)
-    reqs = [TORCH, f"peft=={version}", *companions(version), *TEST_DEPS]
-    cmd = [str(env_python(version)), "-m", "pip", "install", "-q", *reqs, "-e", str(REPO)]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    took = time.monotonic() - start
-    print(f"peft-{version}: ready in {took:.0f} s", flush=True)
-    return took
+    return _venv.create(env_dir(version), [f"peft=={version}", *companions(version)])
 
 
 def run(version: str, command: list[str]) -> int:
-    """Run ``command`` with the environment's ``bin/`` first on PATH; returns its exit status."""
-    if not env_python(version).exists():
-        raise SystemExit(f"no environment for peft {version}: run `create {version}` first")
-    bindir = str(env_dir(version) / "bin")
-    env = {
-        **os.environ,
-        "VIRTUAL_ENV": str(env_dir(version)),
-        "PATH": bindir + os.pathsep + os.environ["PATH"],
-    }
-    env.pop("PYTHONHOME", None)
-    return subprocess.run(command, cwd=REPO, env=env).returncode
+    """Run ``command`` inside ``envs/peft-<version>``; returns its exit status."""
+    return _venv.run(
+        env_dir(version), command, f"no environment for peft {version}: run `create {version}` first"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p_create = sub.add_parser("create", help="create envs/peft-<version> for each version")
-    p_create.add_argument("versions", nargs="+")
-    p_run = sub.add_parser("run", help="run a command inside envs/peft-<version>")
-    p_run.add_argument("version")
-    p_run.add_argument("command", nargs=argparse.REMAINDER, help="-- command...")
-    sub.add_parser("list", help="list the environments that exist")
-    args = parser.parse_args(argv)
-
+    helps = ("create envs/peft-<version> for each version", "run a command inside envs/peft-<version>")
+    args = _venv.parse_args(argv, __doc__, "version", helps)
     if args.cmd == "create":
         for v in args.versions:
             create(v)
         return 0
     if args.cmd == "run":
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        if not command:
-            parser.error("run needs a command after --")
-        return run(args.version, command)
-    for d in sorted(ENVS.glob("peft-*")):
+        return run(args.version, args.command)
+    for d in sorted(_venv.ENVS.glob("peft-*")):
         print(d.name)
     return 0
 

@@ -31,6 +31,13 @@ import torch
 from torch import nn
 
 from properties.spec import CONV_KINDS, DTYPES, AdapterSpec, LayerSpec
+from properties.targets._library import (
+    base_weights,
+    cloned_state,
+    dense_groups,
+    forward_in_mode,
+    import_or_raise,
+)
 from properties.targets.protocol import OPERATIONS, Capabilities, Unsupported
 from properties.targets.reference import base_module
 
@@ -42,12 +49,8 @@ class DiffusersMissing(ImportError):
 
 
 def _diffusers() -> Any:
-    try:
-        import diffusers
-        import peft  # noqa: F401 - the PEFT backend
-    except ImportError as e:
-        raise DiffusersMissing(f"the diffusers target needs `diffusers` with `peft`: {PIP}") from e
-    return diffusers
+    message = f"the diffusers target needs `diffusers` with `peft`: {PIP}"
+    return import_or_raise("diffusers", DiffusersMissing, message, also=["peft"])  # the PEFT backend
 
 
 @cache
@@ -68,19 +71,10 @@ def _model_class() -> type:
     return OneLayerModel
 
 
-def _expand_groups(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """Grouped conv weight ``(o, c/g, *k)`` as the dense ``(o, c, *k)`` PEFT may store (zeros off-group)."""
-    out, per = w.shape[:2]
-    dense = w.new_zeros((out, per * groups, *w.shape[2:]))
-    rows = out // groups
-    for g in range(groups):
-        dense[g * rows : (g + 1) * rows, g * per : (g + 1) * per] = w[g * rows : (g + 1) * rows]
-    return dense
-
-
 def _load(target: torch.Tensor, value: torch.Tensor, groups: int = 1) -> None:
+    """Copy ``value`` into a PEFT factor, dense where PEFT stores a grouped conv factor densely."""
     if groups > 1 and target.numel() != value.numel():
-        value = _expand_groups(value, groups)
+        value = dense_groups(value, groups)
     with torch.no_grad():
         target.copy_(value.reshape(target.shape).to(target.dtype))
 
@@ -101,11 +95,7 @@ class DiffusersHandle:
     ) -> torch.Tensor:
         if adapter_names is not None:
             raise Unsupported("diffusers models do not route PEFT's per-row adapter_names")
-        self.model.train(train)
-        try:
-            return self.model(x)
-        finally:
-            self.model.train(False)
+        return forward_in_mode(self.model, x, train)
 
     def merge(self, *, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
         names = None if adapter_names is None else list(adapter_names)
@@ -146,16 +136,13 @@ class DiffusersHandle:
 
     def weights(self) -> dict[str, torch.Tensor]:
         base = self.layer.get_base_layer() if hasattr(self.layer, "get_base_layer") else self.layer
-        out = {"weight": base.weight.detach().clone()}
-        if self.spec.base_bias is not None:
-            out["bias"] = base.bias.detach().clone()
-        return out
+        return base_weights(base, self.spec)
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         raise Unsupported("diffusers has no delta-weight API of its own")
 
     def snapshot(self) -> dict[str, object]:
-        snap: dict[str, object] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        snap = cloned_state(self.model)
         snap["merged_adapters"] = list(self.layer.merged_adapters)
         snap["active_adapters"] = list(self.layer.active_adapters)
         snap["disable_adapters"] = bool(self.layer.disable_adapters)

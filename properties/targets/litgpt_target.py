@@ -16,6 +16,13 @@ import torch
 from torch import nn
 
 from properties.spec import DTYPES, LayerSpec
+from properties.targets._library import (
+    OneAdapterHandle,
+    base_weights,
+    distribution_version,
+    forward_in_mode,
+    import_or_raise,
+)
 from properties.targets.protocol import Capabilities, Unsupported
 
 PIP = "pip install litgpt==0.5.13  (or: python scripts/envs.py create litgpt)"
@@ -26,38 +33,18 @@ class LitgptMissing(ImportError):
 
 
 def _lora() -> Any:
-    try:
-        from litgpt import lora
-    except ImportError as e:
-        raise LitgptMissing(f"the litgpt target needs the `litgpt` package: {PIP}") from e
-    return lora
+    return import_or_raise(
+        "litgpt.lora", LitgptMissing, f"the litgpt target needs the `litgpt` package: {PIP}"
+    )
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("litgpt")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-class LitgptHandle:
-    def __init__(self, spec: LayerSpec, layer: nn.Module) -> None:
-        self.spec = spec
-        self.layer = layer
-        self.name = spec.adapters[0].name
-
+class LitgptHandle(OneAdapterHandle):
     def forward(
         self, x: torch.Tensor, *, train: bool = False, adapter_names: Sequence[str] | None = None
     ) -> torch.Tensor:
         if adapter_names is not None:
             raise Unsupported("litgpt has no per-row adapters")
-        self.layer.train(train)
-        try:
-            return self.layer(x)
-        finally:
-            self.layer.train(False)
+        return forward_in_mode(self.layer, x, train)
 
     def merge(self, *, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
         if safe:
@@ -68,9 +55,6 @@ class LitgptHandle:
 
     def unmerge(self) -> None:
         raise Unsupported("litgpt has no unmerge")
-
-    def merged_adapters(self) -> list[str]:
-        return [self.name] if self.layer.merged else []
 
     def set_active(self, names: Sequence[str]) -> None:
         raise Unsupported("litgpt has one adapter per layer")
@@ -88,20 +72,11 @@ class LitgptHandle:
         raise Unsupported("litgpt has no scale API")
 
     def weights(self) -> dict[str, torch.Tensor]:
-        linear = self.layer.linear
-        out = {"weight": linear.weight.detach().clone()}
-        if self.spec.base_bias is not None:
-            out["bias"] = linear.bias.detach().clone()
-        return out
+        return base_weights(self.layer.linear, self.spec)
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         """``get_lora_AB()``: what ``merge()`` adds, cast to the base dtype as merge casts it."""
         return {"weight": self.layer.get_lora_AB().detach().to(self.layer.linear.weight.dtype)}
-
-    def snapshot(self) -> dict[str, object]:
-        state: dict[str, object] = {k: v.detach().clone() for k, v in self.layer.state_dict().items()}
-        state["merged"] = bool(self.layer.merged)
-        return state
 
     def merge_and_unload(self) -> nn.Module:
         raise Unsupported("litgpt merges in place (merge_lora_weights) and keeps the LoRA module")
@@ -114,11 +89,11 @@ class LitgptTarget:
 
     def version(self) -> str:
         _lora()
-        return _version()
+        return distribution_version("litgpt")
 
     def capabilities(self) -> Capabilities:
         _lora()
-        v = _version()
+        v = distribution_version("litgpt")
         no = {
             "multi_adapter": "one adapter per layer",
             "rslora": "scaling is lora_alpha / r only",

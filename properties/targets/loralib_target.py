@@ -27,6 +27,14 @@ import torch
 from torch import nn
 
 from properties.spec import CONV_KINDS, DTYPES, LayerSpec
+from properties.targets._library import (
+    OneAdapterHandle,
+    base_weights,
+    dense_groups,
+    distribution_version,
+    forward_in_mode,
+    import_or_raise,
+)
 from properties.targets.protocol import Capabilities, Unsupported
 
 PIP = "pip install loralib==0.1.2  (or: python scripts/envs.py create loralib)"
@@ -41,30 +49,9 @@ class LoralibShapeBug(RuntimeError):
 
 
 def _loralib() -> Any:
-    try:
-        import loralib
-    except ImportError as e:
-        raise LoralibMissing(f"the loralib target needs the `loralib` package: {PIP}") from e
-    return loralib
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("loralib")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _dense_groups(B: torch.Tensor, groups: int) -> torch.Tensor:
-    """Grouped ``B (out, r/g)`` as the dense ``(out, r)`` matrix it stands for (zeros off-group)."""
-    out, per = B.shape
-    dense = B.new_zeros((out, per * groups))
-    rows = out // groups
-    for g in range(groups):
-        dense[g * rows : (g + 1) * rows, g * per : (g + 1) * per] = B[g * rows : (g + 1) * rows]
-    return dense
+    return import_or_raise(
+        "loralib", LoralibMissing, f"the loralib target needs the `loralib` package: {PIP}"
+    )
 
 
 def _conv_factors(spec: LayerSpec, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +80,7 @@ def _conv_factors(spec: LayerSpec, A: torch.Tensor, B: torch.Tensor) -> tuple[to
             "channels, so the canonical grouped delta has no exact copy into loralib's factors"
         )
     q = n // row
-    b_dense = _dense_groups(B.reshape(out, -1), g)
+    b_dense = dense_groups(B.reshape(out, -1), g)
     A_l = A.new_zeros((r * k, row))
     B_l = B.new_zeros((out // g * k, r * k))
     A_l[: r * q] = A.reshape(r * q, row)
@@ -101,13 +88,8 @@ def _conv_factors(spec: LayerSpec, A: torch.Tensor, B: torch.Tensor) -> tuple[to
     return A_l, B_l
 
 
-class LoralibHandle:
+class LoralibHandle(OneAdapterHandle):
     """One loralib layer; merge state is loralib's own ``merged`` flag."""
-
-    def __init__(self, spec: LayerSpec, layer: nn.Module) -> None:
-        self.spec = spec
-        self.layer = layer
-        self.name = spec.adapters[0].name
 
     def _base(self) -> nn.Module:
         return self.layer.conv if self.spec.kind in CONV_KINDS else self.layer
@@ -126,11 +108,7 @@ class LoralibHandle:
     ) -> torch.Tensor:
         if adapter_names is not None:
             raise Unsupported("loralib has no mixed-batch forward")
-        self.layer.train(train)  # merge_weights is off: only dropout changes
-        try:
-            return self.layer(x)
-        finally:
-            self.layer.train(False)
+        return forward_in_mode(self.layer, x, train)  # merge_weights is off: only dropout changes
 
     def merge(self, *, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
         if safe:
@@ -141,9 +119,6 @@ class LoralibHandle:
 
     def unmerge(self) -> None:
         self._switch(train=True)
-
-    def merged_adapters(self) -> list[str]:
-        return [self.name] if self.layer.merged else []
 
     def set_active(self, names: Sequence[str]) -> None:
         raise Unsupported("loralib has one always-active adapter per layer")
@@ -161,20 +136,10 @@ class LoralibHandle:
         raise Unsupported("loralib has no scale API")
 
     def weights(self) -> dict[str, torch.Tensor]:
-        base = self._base()
-        w = base.weight.detach().clone()
-        out = {"weight": w.T if self.spec.fan_in_fan_out else w}
-        if self.spec.base_bias is not None:
-            out["bias"] = base.bias.detach().clone()
-        return out
+        return base_weights(self._base(), self.spec)
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         raise Unsupported("loralib has no public delta-weight function")
-
-    def snapshot(self) -> dict[str, object]:
-        state: dict[str, object] = {k: v.detach().clone() for k, v in self.layer.state_dict().items()}
-        state["merged"] = bool(self.layer.merged)
-        return state
 
     def merge_and_unload(self) -> nn.Module:
         raise Unsupported("loralib has no merge-and-unload: eval() merges but the layer stays a LoRA layer")
@@ -187,11 +152,11 @@ class LoralibTarget:
 
     def version(self) -> str:
         _loralib()
-        return _version()
+        return distribution_version("loralib")
 
     def capabilities(self) -> Capabilities:
         _loralib()
-        v = _version()
+        v = distribution_version("loralib")
         return Capabilities(
             layers=frozenset({"linear", "embedding", "conv1d", "conv2d", "conv3d"}),
             dtypes=frozenset(DTYPES.values()),

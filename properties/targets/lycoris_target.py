@@ -27,6 +27,13 @@ import torch
 from torch import nn
 
 from properties.spec import CONV_KINDS, DTYPES, AdapterSpec, LayerSpec
+from properties.targets._library import (
+    base_weights,
+    cloned_state,
+    dense_groups,
+    distribution_version,
+    import_or_raise,
+)
 from properties.targets.protocol import Capabilities, Unsupported
 from properties.targets.reference import base_module
 
@@ -38,33 +45,8 @@ class LycorisMissing(ImportError):
 
 
 def _locon() -> Any:
-    try:
-        from lycoris.modules.locon import LoConModule
-    except ImportError as e:
-        raise LycorisMissing(f"the lycoris target needs the `lycoris-lora` package: {PIP}") from e
-    return LoConModule
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lycoris-lora")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _dense_up(spec: LayerSpec, B: torch.Tensor) -> torch.Tensor:
-    """Canonical ``B`` as LyCORIS ``lora_up`` weight: grouped ``(out, r/g, ..)`` -> dense ``(out, r, ..)``."""
-    g = spec.conv.groups if spec.conv is not None else 1
-    if g == 1:
-        return B
-    out, per = B.shape[:2]
-    dense = B.new_zeros((out, per * g, *B.shape[2:]))
-    rows = out // g
-    for i in range(g):
-        dense[i * rows : (i + 1) * rows, i * per : (i + 1) * per] = B[i * rows : (i + 1) * rows]
-    return dense
+    message = f"the lycoris target needs the `lycoris-lora` package: {PIP}"
+    return import_or_raise("lycoris.modules.locon", LycorisMissing, message).LoConModule
 
 
 class LycorisHandle:
@@ -144,10 +126,7 @@ class LycorisHandle:
         raise Unsupported("LyCORIS has no unscale_layer")
 
     def weights(self) -> dict[str, torch.Tensor]:
-        out = {"weight": self.base.weight.detach().clone()}
-        if self.spec.base_bias is not None:
-            out["bias"] = self.base.bias.detach().clone()
-        return out
+        return base_weights(self.base, self.spec)
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         """``get_diff_weight`` (LoRA) or ``get_merged_weight - W`` (DoRA), LyCORIS' own functions."""
@@ -160,9 +139,7 @@ class LycorisHandle:
             return {"weight": diff.to(self.spec.dtype).detach()}
 
     def snapshot(self) -> dict[str, object]:
-        state: dict[str, object] = {
-            f"base.{k}": v.detach().clone() for k, v in self.base.state_dict().items()
-        }
+        state = cloned_state(self.base, "base.")
         for n, m in self.modules.items():
             for k, v in nn.Module.state_dict(m).items():
                 state[f"{n}.{k}"] = v.detach().clone()
@@ -188,11 +165,11 @@ class LycorisTarget:
 
     def version(self) -> str:
         _locon()
-        return _version()
+        return distribution_version("lycoris-lora")
 
     def capabilities(self) -> Capabilities:
         _locon()
-        v = _version()
+        v = distribution_version("lycoris-lora")
         return Capabilities(
             layers=frozenset({"linear", "conv1d", "conv2d", "conv3d"}),
             dtypes=frozenset(DTYPES.values()),
@@ -242,7 +219,8 @@ class LycorisTarget:
         m.to(device=spec.device, dtype=spec.dtype)
         with torch.no_grad():
             m.lora_down.weight.copy_(a.A.reshape(m.lora_down.weight.shape))
-            m.lora_up.weight.copy_(_dense_up(spec, a.B).reshape(m.lora_up.weight.shape))
+            groups = spec.conv.groups if spec.conv is not None else 1
+            m.lora_up.weight.copy_(dense_groups(a.B, groups).reshape(m.lora_up.weight.shape))
             if a.use_dora:
                 m.dora_scale.copy_(a.magnitude.reshape(m.dora_scale.shape))
         m.apply_to()

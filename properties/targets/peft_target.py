@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from properties.spec import CONV_KINDS, DTYPES, AdapterSpec, LayerKind, LayerSpec
+from properties.targets._library import Holder, base_weights, cloned_state, dense_groups, import_or_raise
 from properties.targets.protocol import OPERATIONS, Capabilities, Unsupported
-
-_CONV_CLASSES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+from properties.targets.reference import base_module
 
 # Substrings of PEFT error messages that mean "this release does not do that" (not a numerical failure).
 _UNSUPPORTED_MESSAGES = (
@@ -49,13 +49,8 @@ _UNSUPPORTED_MESSAGES = (
 
 def _peft() -> Any:
     """Import PEFT lazily, so this module (and the suite) imports without it."""
-    try:
-        import peft
-    except ImportError as e:
-        raise RuntimeError(
-            "the peft target needs the `peft` package: pip install 'lora-conformance[peft]'"
-        ) from e
-    return peft
+    message = "the peft target needs the `peft` package: pip install 'lora-conformance[peft]'"
+    return import_or_raise("peft", RuntimeError, message)
 
 
 def _conv1d_class() -> type[nn.Module] | None:
@@ -97,31 +92,6 @@ def _translated(version: str, what: str, *, everything: bool = False) -> Iterato
         raise
 
 
-class _Holder(nn.Module):
-    """The smallest model PEFT can target: the base layer under the attribute ``layer``."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
-def _expand_groups(w: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
-    """Dense form of a grouped conv weight: ``(o, c/g, *k)`` -> ``(o, c, *k)`` along ``dim`` = 1.
-
-    Output channel ``i`` belongs to group ``i // (o/g)`` and sees only that group's block of input
-    channels; everything outside the block is zero, so the dense conv computes the grouped one.
-    """
-    out, per = w.shape[0], w.shape[dim]
-    dense = w.new_zeros((out, per * groups, *w.shape[2:]))
-    rows = out // groups
-    for g in range(groups):
-        dense[g * rows : (g + 1) * rows, g * per : (g + 1) * per] = w[g * rows : (g + 1) * rows]
-    return dense
-
-
 def _set(param_or_module: Any, value: torch.Tensor) -> None:
     """Copy ``value`` into a PEFT factor (a Parameter in old releases, a module's weight in new ones)."""
     target = param_or_module if isinstance(param_or_module, torch.Tensor) else param_or_module.weight
@@ -135,61 +105,19 @@ def _factor(obj: Any) -> torch.Tensor:
     return obj if isinstance(obj, torch.Tensor) else obj.weight
 
 
+def _gpt2_conv1d(fan_in: int, fan_out: int) -> nn.Module:
+    """transformers' ``Conv1D(nf=out, nx=in)``: PEFT recognises that class for fan_in_fan_out."""
+    conv1d = _conv1d_class()
+    if conv1d is None:
+        raise Unsupported("fan_in_fan_out needs transformers' Conv1D")
+    return conv1d(fan_out, fan_in)
+
+
 def _base_module(spec: LayerSpec) -> nn.Module:
     """The plain torch layer of ``spec``, holding the spec's exact base tensors in ``spec.dtype``."""
-    kw = {"dtype": spec.dtype, "device": spec.device}
-    w = spec.weight
-    if spec.kind == "linear" and spec.fan_in_fan_out:
-        conv1d = _conv1d_class()
-        if conv1d is None:
-            raise Unsupported("fan_in_fan_out needs transformers' Conv1D")
-        m = conv1d(w.shape[0], w.shape[1]).to(**kw)
-        _assign_base(m, weight=w.T, bias=spec.base_bias)
-        return m
-    if spec.kind == "linear":
-        m = nn.Linear(w.shape[1], w.shape[0], bias=spec.base_bias is not None, **kw)
-    elif spec.kind == "embedding":
-        if spec.base_bias is not None:
-            raise Unsupported("an embedding has no bias")
-        m = nn.Embedding(w.shape[0], w.shape[1], padding_idx=spec.padding_idx, **kw)
-    elif spec.kind in CONV_KINDS:
-        c = spec.conv
-        m = _CONV_CLASSES[spec.kind](
-            w.shape[1] * c.groups,
-            w.shape[0],
-            c.kernel_size,
-            stride=c.stride,
-            padding=c.padding,
-            dilation=c.dilation,
-            groups=c.groups,
-            bias=spec.base_bias is not None,
-            padding_mode=c.padding_mode,
-            **kw,
-        )
-    else:
-        e = w.shape[1]
-        has_bias = spec.base_bias is not None or spec.out_bias is not None
-        m = nn.MultiheadAttention(e, spec.num_heads, bias=has_bias, batch_first=True, **kw)
-        with torch.no_grad():
-            m.in_proj_weight.copy_(w)
-            m.out_proj.weight.copy_(spec.out_weight)
-            if has_bias:
-                m.in_proj_bias.copy_(
-                    spec.base_bias if spec.base_bias is not None else torch.zeros_like(w[:, 0])
-                )
-                m.out_proj.bias.copy_(spec.out_bias if spec.out_bias is not None else torch.zeros(e, **kw))
-        return m
-    _assign_base(m, weight=w, bias=spec.base_bias)
-    return m
-
-
-def _assign_base(m: nn.Module, *, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    with torch.no_grad():
-        m.weight.copy_(weight)
-        if bias is not None:
-            m.bias.copy_(bias)
-        elif getattr(m, "bias", None) is not None:
-            m.bias.zero_()
+    if spec.kind == "embedding" and spec.base_bias is not None:
+        raise Unsupported("an embedding has no bias")
+    return base_module(spec, conv1d=_gpt2_conv1d)
 
 
 class PeftHandle:
@@ -198,7 +126,7 @@ class PeftHandle:
     def __init__(self, spec: LayerSpec, model: nn.Module, layer: nn.Module, version: str) -> None:
         self.spec = spec
         self.model = model  # the PeftModel, for train/eval and merge_and_unload
-        self.layer = layer  # the LoRA layer that replaced ``_Holder.layer``
+        self.layer = layer  # the LoRA layer that replaced ``Holder.layer``
         self.version = version
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -225,11 +153,7 @@ class PeftHandle:
                 "out_proj.bias": out_proj.bias,
             }
             return {k: found[k].detach().clone() for k in s.base_tensors()}
-        weight = base.weight.detach().clone()
-        out = {"weight": weight.T if s.fan_in_fan_out else weight}
-        if s.base_bias is not None:
-            out["bias"] = base.bias.detach().clone()
-        return out
+        return base_weights(base, s)
 
     def _translated(self, what: str) -> Any:
         return _translated(self.version, what)
@@ -321,9 +245,7 @@ class PeftHandle:
             return out
 
     def snapshot(self) -> dict[str, object]:
-        snap: dict[str, object] = {}
-        for k, v in self.layer.state_dict().items():
-            snap[f"param.{k}"] = v.detach().clone()
+        snap = cloned_state(self.layer, "param.")
         for i, m in enumerate(self._lora_layers()):
             snap[f"{i}.merged_adapters"] = list(m.merged_adapters)
             snap[f"{i}.active_adapters"] = list(m.active_adapters)
@@ -371,7 +293,7 @@ class PeftTarget:
         peft = _peft()
         try:
             with _quiet():
-                peft.get_peft_model(_Holder(base), peft.LoraConfig(target_modules=["layer"], r=1))
+                peft.get_peft_model(Holder(base), peft.LoraConfig(target_modules=["layer"], r=1))
         except (ValueError, TypeError, NotImplementedError) as e:
             return f"get_peft_model rejects {type(base).__name__}: {str(e).splitlines()[0][:60]}..."
         return None
@@ -464,7 +386,7 @@ class PeftTarget:
         first, *rest = spec.adapters
         with _translated(v, f"building {spec.kind}", everything=True):
             model = peft.get_peft_model(
-                _Holder(_base_module(spec)), self._config(spec, first), adapter_name=first.name
+                Holder(_base_module(spec)), self._config(spec, first), adapter_name=first.name
             )
             for a in rest:
                 model.add_adapter(a.name, self._config(spec, a))
@@ -486,9 +408,9 @@ class PeftTarget:
             g = spec.conv.groups
             A, B = a.A, a.B
             if g > 1 and _factor(layer.lora_A[name]).shape[1] != A.shape[1]:
-                A = _expand_groups(A, g, dim=1)
+                A = dense_groups(A, g)
             if g > 1 and _factor(layer.lora_B[name]).shape[1] != B.shape[1]:
-                B = _expand_groups(B, g, dim=1)
+                B = dense_groups(B, g)
             _set(layer.lora_A[name], A)
             _set(layer.lora_B[name], B)
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -12,13 +12,18 @@ from properties.spec import CONV_KINDS, LAYER_KINDS, LayerSpec
 from properties.targets.protocol import OPERATIONS, OPTIONS, Capabilities, LayerHandle
 
 
-def base_module(spec: LayerSpec) -> nn.Module:
-    """A plain torch module holding the spec's exact base weights (also used by other targets)."""
+def base_module(spec: LayerSpec, conv1d: Callable[[int, int], nn.Module] | None = None) -> nn.Module:
+    """A plain torch module holding the spec's exact base weights (also used by other targets).
+
+    ``conv1d(in_features, out_features)`` builds the GPT-2 Conv1D for ``fan_in_fan_out`` (default
+    ``lora_core.Conv1D``; the PEFT target passes transformers' class, the one PEFT recognises). A bias
+    the module has but the spec leaves out (Conv1D's, or one of an MHA's two) is zero.
+    """
     kw = dict(device=spec.device, dtype=spec.dtype)
     bias = spec.base_bias is not None
     if spec.kind == "linear":
         if spec.fan_in_fan_out:
-            m = lora_core.Conv1D(spec.weight.shape[1], spec.weight.shape[0]).to(**kw)
+            m = (conv1d or lora_core.Conv1D)(spec.weight.shape[1], spec.weight.shape[0]).to(**kw)
             params = {"weight": spec.weight.T, "bias": spec.base_bias}
         else:
             m = nn.Linear(spec.weight.shape[1], spec.weight.shape[0], bias=bias, **kw)
@@ -45,6 +50,7 @@ def base_module(spec: LayerSpec) -> nn.Module:
         params = {"weight": spec.weight, "bias": spec.base_bias}
     else:
         E = spec.weight.shape[1]
+        bias = bias or spec.out_bias is not None
         m = nn.MultiheadAttention(E, spec.num_heads, bias=bias, batch_first=True, **kw)
         params = {
             "in_proj_weight": spec.weight,
@@ -52,10 +58,13 @@ def base_module(spec: LayerSpec) -> nn.Module:
             "out_proj.weight": spec.out_weight,
             "out_proj.bias": spec.out_bias,
         }
+    present = dict(m.named_parameters())
     with torch.no_grad():
         for name, value in params.items():
             if value is not None:
                 m.get_parameter(name).copy_(value)
+            elif name in present:
+                present[name].zero_()
     return m
 
 

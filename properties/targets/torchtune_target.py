@@ -23,6 +23,13 @@ import torch
 from torch import nn
 
 from properties.spec import DTYPES, LayerSpec
+from properties.targets._library import (
+    Holder,
+    base_weights,
+    cloned_state,
+    distribution_version,
+    import_or_raise,
+)
 from properties.targets.protocol import Capabilities, Unsupported
 
 PIP = "pip install torchtune==0.6.1 torchao==0.17.0  (or: python scripts/envs.py create torchtune)"
@@ -33,35 +40,14 @@ class TorchtuneMissing(ImportError):
 
 
 def _peft() -> Any:
-    try:
-        from torchtune.modules import peft
-    except ImportError as e:
-        raise TorchtuneMissing(f"the torchtune target needs `torchtune` and `torchao`: {PIP}") from e
-    return peft
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("torchtune")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-class _Holder(nn.Module):
-    """A parent module, so state-dict keys carry the ``layer.`` prefix get_merged_lora_ckpt expects."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+    message = f"the torchtune target needs `torchtune` and `torchao`: {PIP}"
+    return import_or_raise("torchtune.modules.peft", TorchtuneMissing, message)
 
 
 class TorchtuneHandle:
-    def __init__(self, spec: LayerSpec, holder: _Holder) -> None:
+    """The layer sits in a ``Holder``: its state-dict keys carry the ``layer.`` prefix torchtune expects."""
+
+    def __init__(self, spec: LayerSpec, holder: Holder) -> None:
         self.spec = spec
         self.holder = holder
         self.adapter = spec.adapters[0]
@@ -83,10 +69,10 @@ class TorchtuneHandle:
 
     def _merged_linear(self) -> nn.Linear:
         """torchtune's checkpoint merge, loaded into the plain layer a merged checkpoint describes."""
-        state = {k: v.detach().clone() for k, v in self.holder.state_dict().items()}
+        state = cloned_state(self.holder)
         merged = _peft().get_merged_lora_ckpt(state, rank=self.adapter.r, alpha=self.adapter.alpha)
         out_f, in_f = self.spec.weight.shape
-        plain = _Holder(
+        plain = Holder(
             nn.Linear(
                 in_f,
                 out_f,
@@ -128,20 +114,17 @@ class TorchtuneHandle:
         raise Unsupported("torchtune has no scale API")
 
     def weights(self) -> dict[str, torch.Tensor]:
-        layer = self.holder.layer
-        out = {"weight": layer.weight.detach().clone()}
-        if self.spec.base_bias is not None:
-            out["bias"] = layer.bias.detach().clone()
-        return out
+        return base_weights(self.holder.layer, self.spec)
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         raise Unsupported("torchtune has no delta-weight function")
 
     def snapshot(self) -> dict[str, object]:
-        state: dict[str, object] = {k: v.detach().clone() for k, v in self.holder.state_dict().items()}
-        state["merged"] = self.merged
-        state["layer_type"] = type(self.holder.layer).__name__
-        return state
+        return {
+            **cloned_state(self.holder),
+            "merged": self.merged,
+            "layer_type": type(self.holder.layer).__name__,
+        }
 
     def merge_and_unload(self) -> nn.Module:
         if not self.merged:
@@ -156,11 +139,11 @@ class TorchtuneTarget:
 
     def version(self) -> str:
         _peft()
-        return _version()
+        return distribution_version("torchtune")
 
     def capabilities(self) -> Capabilities:
         _peft()
-        v = _version()
+        v = distribution_version("torchtune")
         return Capabilities(
             layers=frozenset({"linear"}),
             dtypes=frozenset(DTYPES.values()),
@@ -212,7 +195,7 @@ class TorchtuneTarget:
             layer.initialize_dora_magnitude()
             with torch.no_grad():
                 layer.magnitude.copy_(a.magnitude)
-        holder = _Holder(layer)
+        holder = Holder(layer)
         holder.eval()
         return TorchtuneHandle(spec, holder)
 

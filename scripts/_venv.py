@@ -1,0 +1,79 @@
+"""The virtualenv plumbing ``scripts/envs.py`` and ``scripts/peft_envs.py`` share, written once.
+
+Each environment under ``envs/`` holds pinned torch (unpinned, pip pulls multi-GB CUDA wheels), its own
+requirements, the test tools and this repo (editable). Both scripts take ``create | run | list``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+import venv
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ENVS = REPO / "envs"
+TORCH = "torch==2.13.0"
+TEST_DEPS = ["pytest>=8", "hypothesis>=6.100"]
+
+
+def python_of(env: Path) -> Path:
+    return env / "bin" / "python"
+
+
+def create(env: Path, requirements: list[str]) -> float:
+    """Create (or refresh) ``env`` with torch, ``requirements`` and the test tools; returns the seconds."""
+    start = time.monotonic()
+    venv.create(env, with_pip=True, clear=False)
+    cmd = [str(python_of(env)), "-m", "pip", "install", "-q", TORCH, *requirements, *TEST_DEPS]
+    cmd += ["-e", str(REPO)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    took = time.monotonic() - start
+    print(f"{env.name}: ready in {took:.0f} s", flush=True)
+    return took
+
+
+def run(env: Path, command: list[str], missing: str) -> int:
+    """Run ``command`` with ``env``'s ``bin/`` first on PATH; returns its exit status.
+
+    Exits with the message ``missing`` if ``env`` has not been created.
+    """
+    if not python_of(env).exists():
+        raise SystemExit(missing)
+    variables = {
+        **os.environ,
+        "VIRTUAL_ENV": str(env),
+        "PATH": str(env / "bin") + os.pathsep + os.environ["PATH"],
+    }
+    variables.pop("PYTHONHOME", None)
+    return subprocess.run(command, cwd=REPO, env=variables).returncode
+
+
+def parse_args(
+    argv: list[str] | None,
+    doc: str | None,
+    name: str,
+    helps: tuple[str, str],
+    choices: list[str] | None = None,
+) -> argparse.Namespace:
+    """Parse ``create NAMEs... | run NAME -- CMD... | list`` (``helps``: create's and run's help).
+
+    ``choices`` restrict ``run``, and ``create`` with ``all`` added; ``args.command`` comes without ``--``.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_create = sub.add_parser("create", help=helps[0])
+    p_create.add_argument(f"{name}s", nargs="+", choices=None if choices is None else [*choices, "all"])
+    p_run = sub.add_parser("run", help=helps[1])
+    p_run.add_argument(name, choices=choices)
+    p_run.add_argument("command", nargs=argparse.REMAINDER, help="-- command...")
+    sub.add_parser("list", help="list the environments that exist")
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not args.command:
+            parser.error("run needs a command after --")
+    return args
