@@ -11,6 +11,7 @@ Every adapter tensor is non-zero (standard normal scaled by a drawn power of two
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -59,35 +60,52 @@ def _exp_range(dtype: torch.dtype, kind: LayerKind) -> tuple[int, int]:
     return (-4, 4)
 
 
+def _unwrapped(strategy: st.SearchStrategy) -> st.SearchStrategy:
+    """The strategy behind Hypothesis's lazy wrapper: drawing from the wrapper re-resolves it each time."""
+    return getattr(strategy, "wrapped_strategy", strategy)
+
+
+@functools.cache
+def _ints(lo: int, hi: int) -> st.SearchStrategy[int]:
+    """``st.integers(lo, hi)``, built once. An example makes ~30 small draws; building each strategy
+    anew costs as much as the draw (see ``scripts/benchmark.py``)."""
+    return _unwrapped(st.integers(lo, hi))
+
+
+@functools.cache
+def _choice(values: tuple) -> st.SearchStrategy:
+    return _unwrapped(st.sampled_from(values))
+
+
+_BOOL = _unwrapped(st.booleans())
+
+
 def _alpha(draw: st.DrawFn, r: int) -> float:
     """Alpha different from r: a common value, or any multiple of 1/8 up to 32 (two plain draws;
     a ``one_of`` strategy costs more per draw than the rest of an example's structure)."""
-    if draw(st.booleans()):
-        alpha = ALPHAS[draw(st.integers(0, len(ALPHAS) - 1))]
-    else:
-        alpha = draw(st.integers(1, 256)) / 8
+    alpha = ALPHAS[draw(_ints(0, len(ALPHAS) - 1))] if draw(_BOOL) else draw(_ints(1, 256)) / 8
     return alpha if alpha != r else alpha + 0.5
 
 
 @st.composite
 def _conv_geometry(draw: st.DrawFn, nd: int, options: frozenset[str]) -> tuple[ConvOptions, int, int, tuple]:
     """Conv options plus (in, out, spatial) that make a valid layer for them."""
-    g = draw(st.integers(1, 3)) if "conv_groups" in options else 1
-    cin, cout = g * draw(st.integers(1, 3)), g * draw(st.integers(1, 3))
+    g = draw(_ints(1, 3)) if "conv_groups" in options else 1
+    cin, cout = g * draw(_ints(1, 3)), g * draw(_ints(1, 3))
     kmax = 2 if nd == 3 else 3
-    k = tuple(draw(st.integers(1, kmax)) for _ in range(nd))
-    dil = tuple(draw(st.integers(1, 2)) if "conv_dilation" in options else 1 for _ in range(nd))
-    mode = draw(st.sampled_from(PADDING_MODES)) if "padding_mode" in options else "zeros"
-    same = "padding_same" in options and draw(st.booleans())
-    stride = (1,) * nd if same else tuple(draw(st.integers(1, 2)) for _ in range(nd))
-    padding: tuple[int, ...] | str = "same" if same else tuple(draw(st.integers(0, 2)) for _ in range(nd))
+    k = tuple(draw(_ints(1, kmax)) for _ in range(nd))
+    dil = tuple(draw(_ints(1, 2)) if "conv_dilation" in options else 1 for _ in range(nd))
+    mode = draw(_choice(PADDING_MODES)) if "padding_mode" in options else "zeros"
+    same = "padding_same" in options and draw(_BOOL)
+    stride = (1,) * nd if same else tuple(draw(_ints(1, 2)) for _ in range(nd))
+    padding: tuple[int, ...] | str = "same" if same else tuple(draw(_ints(0, 2)) for _ in range(nd))
     pads = [(d * (kk - 1)) // 2 + 1 for d, kk in zip(dil, k, strict=True)] if same else list(padding)
     spatial = []
     for i in range(nd):
         need = max(dil[i] * (k[i] - 1) + 1 - 2 * (0 if same else padding[i]), 1)
         if mode in ("reflect", "circular"):
             need = max(need, pads[i] + 1)
-        spatial.append(max(draw(st.integers(1, 5 if nd < 3 else 3)), need))
+        spatial.append(max(draw(_ints(1, 5 if nd < 3 else 3)), need))
     opts = ConvOptions(k, stride, padding, dil, g, mode)
     return opts, cin, cout, tuple(spatial)
 
@@ -98,27 +116,27 @@ def examples(draw: st.DrawFn, d: Draw, hostile: bool = False) -> Example | tuple
     to plant in it (the property needs both: the clean spec is its control)."""
     opts = d.options
     lo, hi = _exp_range(d.dtype, d.kind)
-    scale = {t: 2.0 ** draw(st.integers(lo, hi), label=f"log2|{t}|") for t in ("x", "W", "A", "B")}
-    seed = draw(st.integers(0, 2**31 - 1), label="seed")
+    scale = {t: 2.0 ** draw(_ints(lo, hi), label=f"log2|{t}|") for t in ("x", "W", "A", "B")}
+    seed = draw(_ints(0, 2**31 - 1), label="seed")
     conv = None
     padding_idx = None
     num_heads = 1
-    batch = [draw(st.integers(1, 4)) for _ in range(draw(st.integers(d.min_batch, max(d.min_batch, 2))))]
+    batch = [draw(_ints(1, 4)) for _ in range(draw(_ints(d.min_batch, max(d.min_batch, 2))))]
     if d.kind == "linear":
-        fan_in, fan_out = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+        fan_in, fan_out = draw(_ints(1, 40)), draw(_ints(1, 40))
         x_shape: tuple[int, ...] = (*batch, fan_in)
         w_shape: tuple[int, ...] = (fan_out, fan_in)
         r_cap, r_step = min(fan_in, fan_out), 1
     elif d.kind == "embedding":
-        num, dim = draw(st.integers(1, 30)), draw(st.integers(1, 30))
-        if "padding_idx" in opts and draw(st.booleans()):
-            padding_idx = draw(st.integers(0, num - 1))
-        x_shape, w_shape = tuple(batch) or (draw(st.integers(1, 4)),), (num, dim)
+        num, dim = draw(_ints(1, 30)), draw(_ints(1, 30))
+        if "padding_idx" in opts and draw(_BOOL):
+            padding_idx = draw(_ints(0, num - 1))
+        x_shape, w_shape = tuple(batch) or (draw(_ints(1, 4)),), (num, dim)
         fan_out, r_cap, r_step = dim, min(num, dim), 1
     elif d.kind == "mha":
-        num_heads, hd = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+        num_heads, hd = draw(_ints(1, 3)), draw(_ints(1, 4))
         E = num_heads * hd
-        x_shape, w_shape = (draw(st.integers(1, 3)), draw(st.integers(1, 4)), E), (3 * E, E)
+        x_shape, w_shape = (draw(_ints(1, 3)), draw(_ints(1, 4)), E), (3 * E, E)
         fan_out, r_cap, r_step = E, E, 1
     else:
         nd = int(d.kind[-2])
@@ -126,46 +144,46 @@ def examples(draw: st.DrawFn, d: Draw, hostile: bool = False) -> Example | tuple
         x_shape = (max(batch[0] if batch else 1, 1), cin, *spatial)
         w_shape = (cout, cin // conv.groups, *conv.kernel_size)
         fan_out, r_cap, r_step = cout, max(cin, cout), conv.groups
-    n_adapters = draw(st.integers(1, d.max_adapters)) if "multi_adapter" in opts else 1
-    has_bias = d.kind != "embedding" and (d.need_bias or draw(st.booleans()))
+    n_adapters = draw(_ints(1, d.max_adapters)) if "multi_adapter" in opts else 1
+    has_bias = d.kind != "embedding" and (d.need_bias or draw(_BOOL))
     plans = []
     for i in range(n_adapters):
-        r = r_step * draw(st.integers(1, max(1, math.ceil(r_cap / r_step)) + 1))
-        dora = "dora" in opts and n_adapters == 1 and d.kind != "mha" and draw(st.booleans())
+        r = r_step * draw(_ints(1, max(1, math.ceil(r_cap / r_step)) + 1))
+        dora = "dora" in opts and n_adapters == 1 and d.kind != "mha" and draw(_BOOL)
         # PEFT (and so the reference) does not combine DoRA with a LoRA bias.
-        lora_bias = "lora_bias" in opts and has_bias and d.kind != "mha" and not dora and draw(st.booleans())
+        lora_bias = "lora_bias" in opts and has_bias and d.kind != "mha" and not dora and draw(_BOOL)
         if d.dropout == "none":
             p = 0.0
         else:
             choices = DROPOUT_RATES if d.dropout == "positive" else (0.0, *DROPOUT_RATES)
-            p = draw(st.sampled_from(choices)) if "dropout" in opts or d.dropout == "positive" else 0.0
+            p = draw(_choice(choices)) if "dropout" in opts or d.dropout == "positive" else 0.0
         plans.append(
             dict(
                 name=ADAPTER_NAMES[i],
                 r=r,
                 alpha=_alpha(draw, r),
-                use_rslora="rslora" in opts and draw(st.booleans()),
+                use_rslora="rslora" in opts and draw(_BOOL),
                 use_dora=dora,
                 dropout=p,
                 lora_bias=lora_bias,
             )
         )
-    fan_in_fan_out = d.kind == "linear" and "fan_in_fan_out" in opts and draw(st.booleans())
+    fan_in_fan_out = d.kind == "linear" and "fan_in_fan_out" in opts and draw(_BOOL)
     ex = _fill(d, seed, scale, x_shape, w_shape, fan_out, plans, has_bias, conv, padding_idx, num_heads)
     ex = Example(replace(ex.spec, fan_in_fan_out=fan_in_fan_out), ex.x)
     if not hostile:
         return ex
-    kind = draw(st.sampled_from(("nan", "inf", "-inf", "overflow")), label="hostile")
-    idx = draw(st.integers(0, n_adapters - 1))
+    kind = draw(_choice(("nan", "inf", "-inf", "overflow")), label="hostile")
+    idx = draw(_ints(0, n_adapters - 1))
     a = ex.spec.adapters[idx]
     tensors = ["A", "B"] if kind == "overflow" else list(a.tensors())
-    h = Hostile(kind, idx, draw(st.sampled_from(tensors)), draw(st.integers(0, 2**16)))
+    h = Hostile(kind, idx, draw(_choice(tuple(tensors))), draw(_ints(0, 2**16)))
     return ex, h
 
 
 def _rounded(gen: torch.Generator, shape: tuple[int, ...], scale: float, d: Draw) -> torch.Tensor:
     t = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-    return t.to(d.dtype).to(d.device)
+    return t.to(device=d.device, dtype=d.dtype)
 
 
 def _fill(d: Draw, seed, scale, x_shape, w_shape, fan_out, plans, has_bias, conv, padding_idx, num_heads):
