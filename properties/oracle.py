@@ -8,6 +8,7 @@ which gives the ``M`` of the precision model (``|x||W| + |s||x||A||B| + ...``) f
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -18,11 +19,36 @@ from properties.spec import BASE_ROW, AdapterSpec, LayerSpec
 F64 = torch.float64
 
 
+class _Float64Copies:
+    """The float64 copy (and its absolute value) of each spec tensor, made once per tensor.
+
+    One example asks for the same tensors dozens of times (exact value and magnitude, every bound,
+    every comparison). Entries are keyed by the tensor object, dropped when it is freed and remade
+    when it is written in place (its version counter moves). Callers never write into the copies.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, list] = {}
+
+    def get(self, t: torch.Tensor, magnitude: bool) -> torch.Tensor:
+        key = id(t)
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is not t or entry[1] != t._version:
+            copy = t.detach().to(device="cpu", dtype=F64, copy=True)
+            ref = weakref.ref(t, lambda _, k=key, entries=self._entries: entries.pop(k, None))
+            entry = self._entries[key] = [ref, t._version, copy, None]
+        if not magnitude:
+            return entry[2]
+        if entry[3] is None:
+            entry[3] = entry[2].abs()
+        return entry[3]
+
+
+_COPIES = _Float64Copies()
+
+
 def _t(t: torch.Tensor | None, magnitude: bool) -> torch.Tensor | None:
-    if t is None:
-        return None
-    t = t.detach().to(device="cpu", dtype=F64)
-    return t.abs() if magnitude else t
+    return None if t is None else _COPIES.get(t, magnitude)
 
 
 def conv_padding(spec: LayerSpec) -> list[int]:
