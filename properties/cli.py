@@ -134,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         reduced_precision_reduction=args.device.startswith("cuda")
         and not args.no_reduced_precision_reduction,
         mkldnn=args.mkldnn,
+        xfails=args.xfails,
     )
     shard = f"{args.shard[0]}/{args.shard[1]}" if args.shard else None
     try:

@@ -52,6 +52,7 @@ def _options(config: pytest.Config):
         seed=seed,
         max_examples=config.getoption("lora_max_examples"),
         device=config.getoption("lora_device"),
+        xfails=config.getoption("lora_xfails"),
     )
 
 

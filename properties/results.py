@@ -53,6 +53,9 @@ class CellResult:
     replay: str | None = None  # one-line command replaying the failure
     seed: int | None = None
     samples: list[Sample] = field(default_factory=list)  # capped; for plots
+    known_bug_examples: dict[str, int] = field(
+        default_factory=dict
+    )  # xfails 'when' line -> examples set aside
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -29,12 +29,14 @@ from hypothesis.errors import Flaky, Unsatisfiable
 from properties.catalogue import Context, Property, PropertyFailure
 from properties.hypothesis_pins import fixed_constants, shrink_budget, without_database_key
 from properties.isolation import cuda_flag_values, isolated, pinned_backend
+from properties.known_bugs import compile_condition, features
 from properties.precision import Arithmetic
 from properties.profiles import Profile
 from properties.results import CellResult, Sample
 from properties.spec import DTYPES
 from properties.strategies import examples, plant
 from properties.targets.protocol import Target, Unsupported
+from properties.xfails import XfailRule
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class RunOptions:
     reduced_precision_reduction: bool = False
     threads: int | None = 1
     mkldnn: bool = False
+    known_bugs: tuple[XfailRule, ...] = ()  # xfails ``when`` lines: examples set aside
+    xfails: str = "auto"  # the --xfails given (a replay must set the same examples aside)
 
     @property
     def cuda_flags(self) -> dict[str, bool] | None:
@@ -105,6 +109,8 @@ def replay_command(opts: RunOptions, cell: Cell) -> str:
         args += ["--max-examples", str(opts.max_examples)]
     if opts.device != "cpu":
         args += ["--device", opts.device]
+    if opts.xfails != "auto":
+        args += ["--xfails", opts.xfails]
     return shlex.join(args)
 
 
@@ -122,6 +128,7 @@ class _CellState:
 
     samples: list[Sample] = field(default_factory=list)
     unsupported: Counter = field(default_factory=Counter)
+    known: Counter = field(default_factory=Counter)  # xfails 'when' line -> examples set aside
     examples: int = 0
     last_failure: tuple[str, str, str] | None = None  # (kind, message, example)
     worst: tuple[float, str] = (-1.0, "")
@@ -193,6 +200,11 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         reduced_precision_reduction=opts.reduced_precision_reduction,
     )
     state = _CellState()
+    known = [
+        (r, compile_condition(r.condition))
+        for r in opts.known_bugs
+        if r.matches(cell.property, cell.layer, cell.dtype)
+    ]
     strategy = st.tuples(examples(draw, hostile=prop.hostile), st.data() if prop.needs_data else st.none())
 
     def one_example(drawn) -> None:
@@ -202,6 +214,12 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         if prop.hostile:
             clean, hostile = ex
             clean_spec, ex = clean.spec, plant(clean, hostile)
+        if known:
+            facts = features(ex, hostile)
+            for rule, applies in known:
+                if applies(facts):
+                    state.known[str(rule)] += 1
+                    reject()  # a known bug: set aside, so the rest of the cell is still tested
         state.examples += 1
         ctx = Context(target, ex, arith, data=data, hostile=hostile, clean_spec=clean_spec)
         description = ex.describe() + (f"\nhostile: {hostile}" if hostile else "")
@@ -253,8 +271,12 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             f"hang: the cell ran past {opts.profile.cell_timeout_s:g} s ({state.examples} examples done)"
         )
     except Unsatisfiable:
-        result.status = "skipped"
-        result.message = "; ".join(state.unsupported) or "no valid example could be generated"
+        if state.known and not state.examples:
+            result.status = "xfailed"
+            result.message = "every example drawn matched a known bug: " + _known_summary(state.known, opts)
+        else:
+            result.status = "skipped"
+            result.message = "; ".join(state.unsupported) or "no valid example could be generated"
     except (PropertyFailure, TargetCrash, Flaky, Exception) as e:  # noqa: BLE001
         kind, message, example = state.last_failure or ("error", _crash_summary(e), "")
         if isinstance(e, Flaky):
@@ -269,8 +291,20 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         result.message = f"{sum(state.unsupported.values())} examples unsupported: " + "; ".join(
             state.unsupported
         )
+    if state.known:
+        result.known_bug_examples = dict(state.known)
+        if result.status == "passed":
+            aside = f"{sum(state.known.values())} examples set aside as known bugs: "
+            result.message = (
+                aside + _known_summary(state.known, opts) + (f"; {result.message}" if result.message else "")
+            )
     _keep_samples(result, state, opts.profile.samples_kept)
     return result
+
+
+def _known_summary(known: Counter, opts: RunOptions) -> str:
+    reasons = {str(r): r.reason for r in opts.known_bugs}
+    return "; ".join(f"{reasons.get(k, k)} ({n})" for k, n in known.items())
 
 
 def _keep_samples(result: CellResult, state: _CellState, keep: int) -> None:

@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import hypothesis
@@ -26,7 +26,7 @@ from properties.runner import Cell, RunOptions, run_cell
 from properties.spec import DTYPES, LAYER_KINDS
 from properties.targets.protocol import Target
 from properties.targets.registry import load_target
-from properties.xfails import XfailRule, match
+from properties.xfails import XfailRule, example_rules, match
 
 
 def plan_cells(
@@ -99,6 +99,7 @@ def make_header(target: Target, opts: RunOptions, shard: str | None, argv: list[
 
 def apply_xfail(result: CellResult, rules: list[XfailRule], used: set[int]) -> CellResult:
     """A failing cell listed in the xfails file becomes ``xfailed``; a listed cell that passes says so."""
+    used.update(r.line for r in rules if str(r) in result.known_bug_examples)
     rule = match(rules, result.property, result.layer, result.dtype)
     if rule is None:
         return result
@@ -133,6 +134,8 @@ class Run:
         """Run ``cells``, handing each result to ``sink``; returns the report (partial when interrupted)."""
         used: set[int] = set()
         catalogue = all_properties()
+        # The xfails' ``when`` lines travel with the options, so every worker sets the same examples aside.
+        self.opts = replace(self.opts, known_bugs=example_rules(self.xfails))
 
         def done(result: CellResult) -> None:
             self.report.cells.append(apply_xfail(result, self.xfails, used))
@@ -198,4 +201,5 @@ def _cost(cell: Cell, prop: Property) -> float:
 def start_run(target_name: str, opts: RunOptions, xfails: list[XfailRule], shard: str | None = None) -> Run:
     target = load_target(target_name)
     header = make_header(target, opts, shard, list(sys.argv))
+    opts = replace(opts, known_bugs=example_rules(xfails))
     return Run(target_name, target, opts, xfails, RunReport(header))

@@ -1,7 +1,10 @@
-"""Expected-failure files: ``property layer dtype  # reason``, one cell pattern per line.
+"""Expected-failure files: ``property layer dtype [when EXPR]  # reason``, one pattern per line.
 
 Fields are shell globs (``merge_equivalence conv* float16``); blank lines and lines starting with ``#``
-are ignored. A line that matches no cell of a run is reported, so stale entries do not pile up.
+are ignored. A plain line marks whole cells as expected failures. A line with ``when EXPR`` marks only
+the examples of those cells that match ``EXPR`` (see ``properties.known_bugs``): they are set aside
+and the rest of the cell is tested. A line that matches no cell (or, with ``when``, no example) of a
+run is reported, so stale entries do not pile up.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
+
+from properties.known_bugs import compile_condition
 
 
 @dataclass(frozen=True)
@@ -18,6 +23,7 @@ class XfailRule:
     dtype: str
     reason: str
     line: int
+    condition: str | None = None  # ``when`` expression: the line covers only matching examples
 
     def matches(self, prop: str, layer: str, dtype: str) -> bool:
         return all(
@@ -26,7 +32,8 @@ class XfailRule:
         )
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.property} {self.layer} {self.dtype}"
+        when = f" when {self.condition}" if self.condition else ""
+        return f"line {self.line}: {self.property} {self.layer} {self.dtype}{when}"
 
 
 def parse_xfails(text: str) -> list[XfailRule]:
@@ -36,10 +43,25 @@ def parse_xfails(text: str) -> list[XfailRule]:
         if not line or line.startswith("#"):
             continue
         cell, _, reason = line.partition("#")
+        cell, when, condition = cell.partition(" when ")
         fields = cell.split()
-        if len(fields) != 3:
-            raise ValueError(f"xfails line {i}: expected 'property layer dtype  # reason', got {raw!r}")
-        rules.append(XfailRule(*fields, reason=reason.strip() or "expected failure", line=i))
+        if len(fields) != 3 or (when and not condition.strip()):
+            raise ValueError(
+                f"xfails line {i}: expected 'property layer dtype [when EXPR]  # reason', got {raw!r}"
+            )
+        if when:
+            try:
+                compile_condition(condition.strip())
+            except ValueError as e:
+                raise ValueError(f"xfails line {i}: {e}") from None
+        rules.append(
+            XfailRule(
+                *fields,
+                reason=reason.strip() or "expected failure",
+                line=i,
+                condition=condition.strip() if when else None,
+            )
+        )
     return rules
 
 
@@ -58,4 +80,10 @@ def bundled_xfails(target: str, version: str) -> Path | None:
 
 
 def match(rules: list[XfailRule], prop: str, layer: str, dtype: str) -> XfailRule | None:
-    return next((r for r in rules if r.matches(prop, layer, dtype)), None)
+    """The first whole-cell line for this cell (``when`` lines never cover a whole cell)."""
+    return next((r for r in rules if r.condition is None and r.matches(prop, layer, dtype)), None)
+
+
+def example_rules(rules: list[XfailRule]) -> tuple[XfailRule, ...]:
+    """The ``when`` lines: known bugs the runner sets aside example by example."""
+    return tuple(r for r in rules if r.condition is not None)

@@ -71,7 +71,27 @@ class SlowTarget(ReferenceTarget):
         return _SlowHandle(spec, False)
 
 
+class _RsloraMergeHandle(ReferenceHandle):
+    """A bug that only rsLoRA adapters have: their merge adds 1% too much. Everything else is right."""
+
+    def merge(self, *, adapter_names=None, safe=False):
+        for name in self.spec.active_adapters if adapter_names is None else adapter_names:
+            if self.spec.adapter(name).use_rslora:
+                self.layer.scaling[name] *= 1.01
+        super().merge(adapter_names=adapter_names, safe=safe)
+
+
+class RsloraMergeTarget(ReferenceTarget):
+    def __init__(self):
+        super().__init__()
+        self.name = "rslora-merge"
+
+    def build(self, spec):
+        return _RsloraMergeHandle(spec, False)
+
+
 SCALED = ScaledDeltaTarget()
+RSLORA_MERGE = RsloraMergeTarget()
 CRASH = CrashTarget()
 HANG = HangTarget()
 SLOW = SlowTarget()

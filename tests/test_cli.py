@@ -133,6 +133,31 @@ def test_xfails_turn_a_known_failure_into_xfailed_and_report_unmatched_lines(tmp
     assert "matched no cell: line 2: merge_roundtrip conv9d *" in out.stdout
 
 
+def test_when_lines_gate_on_new_failures_only_and_replays_keep_them(tmp_path):
+    xf = tmp_path / "known.txt"
+    xf.write_text(
+        "merge_equivalence linear * when rslora  # rsLoRA merges 1% too much\n"
+        "merge_equivalence linear * when rank > 1000  # stale\n"
+    )
+    args = [
+        "--properties",
+        "merge_equivalence",
+        "--max-examples",
+        "20",
+        "--dtypes",
+        "float32",
+        "--layers",
+        "linear",
+    ]
+    known = cli("run", "--target", "tests.fixture_targets:RSLORA_MERGE", *args, "--xfails", str(xf))
+    assert known.returncode == 0, known.stdout
+    assert "matched no cell: line 2: merge_equivalence linear * when rank > 1000" in known.stdout
+    new_bug = cli("run", "--target", "tests.fixture_targets:SCALED", *args, "--xfails", str(xf))
+    assert new_bug.returncode == 1, new_bug.stdout
+    replay = next(line for line in new_bug.stdout.splitlines() if "lora-conformance run" in line)
+    assert f"--xfails {xf}" in replay  # the replay sets the same examples aside, so it draws the same
+
+
 def _slow_run_with_report(tmp_path: Path) -> subprocess.Popen:
     """A run of a slow target writing reports to tmp_path; returns once its journal holds a cell."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

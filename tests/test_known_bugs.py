@@ -1,0 +1,86 @@
+"""Known bugs as example predicates (``when`` lines in an xfails file): parsing, the gate, the report."""
+
+from __future__ import annotations
+
+import pytest
+
+from properties.catalogue import all_properties
+from properties.profiles import PROFILES
+from properties.runner import Cell, RunOptions, run_cell
+from properties.session import apply_xfail
+from properties.xfails import example_rules, match, parse_xfails
+from tests.fixture_targets import RSLORA_MERGE, SCALED
+
+CELL = Cell("merge_equivalence", "linear", "float32")
+
+
+def _run(target, lines: str, n: int = 30):
+    rules = parse_xfails(lines)
+    opts = RunOptions(
+        target=target.name, profile=PROFILES["ci"], seed=0, max_examples=n, known_bugs=example_rules(rules)
+    )
+    used: set[int] = set()
+    result = apply_xfail(run_cell(target, all_properties()[CELL.property], CELL, opts), rules, used)
+    return result, used
+
+
+def test_when_lines_parse_and_stay_out_of_cell_matching():
+    rules = parse_xfails(
+        "merge_* linear * when rslora and rank > 1  # bug A\nmerge_equivalence linear float32  # bug B\n"
+    )
+    assert rules[0].condition == "rslora and rank > 1" and rules[0].reason == "bug A"
+    assert str(rules[0]) == "line 1: merge_* linear * when rslora and rank > 1"
+    assert match(rules, "merge_equivalence", "linear", "float32") is rules[1]
+    assert example_rules(rules) == (rules[0],)
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("a b c when __import__('os')  # x", "Call is not allowed"),
+        ("a b c when rslora.real  # x", "Attribute is not allowed"),
+        ("a b c when colour == 'red'  # x", "unknown feature 'colour'"),
+        ("a b c when  # x", "expected 'property layer dtype [when EXPR]"),
+        ("a b c when rank >  # x", "not an expression"),
+    ],
+)
+def test_bad_conditions_are_refused_with_the_line(line, why):
+    with pytest.raises(ValueError, match="line 1") as e:
+        parse_xfails(line)
+    assert why in str(e.value)
+
+
+def test_a_bug_limited_to_some_examples_fails_the_cell_without_a_when_line():
+    result, _ = _run(RSLORA_MERGE, "")
+    assert result.status == "failed"
+    assert "rslora=True" in result.example
+
+
+def test_a_when_line_sets_the_known_bug_aside_and_the_rest_of_the_cell_passes():
+    result, used = _run(RSLORA_MERGE, "merge_equivalence linear * when rslora  # rslora merge bug\n")
+    assert result.status == "passed", result.message
+    assert result.examples >= 30
+    (count,) = result.known_bug_examples.values()
+    assert count > 0
+    assert "set aside as known bugs: rslora merge bug" in result.message
+    assert used == {1}
+
+
+def test_a_new_bug_in_the_same_cell_still_fails():
+    """Every merge of this target is wrong; the line covers only rsLoRA examples."""
+    result, _ = _run(SCALED, "merge_equivalence linear * when rslora  # rslora merge bug\n")
+    assert result.status == "failed"
+    assert "rslora=False" in result.example
+
+
+def test_a_when_line_that_matches_no_example_is_not_used():
+    result, used = _run(RSLORA_MERGE, "merge_equivalence linear * when rank > 1000  # never\n")
+    assert result.status == "failed"
+    assert result.known_bug_examples == {} and used == set()
+
+
+def test_a_cell_whose_every_example_is_a_known_bug_is_xfailed():
+    result, used = _run(SCALED, "merge_equivalence linear * when kind == 'linear'  # everything\n")
+    assert result.status == "xfailed"
+    assert "every example drawn matched a known bug: everything" in result.message
+    assert used == {1}
