@@ -184,6 +184,18 @@ def test_passing_report_says_pass():
     assert "Failures" not in md
 
 
+def test_markdown_counts_known_bug_examples_per_xfails_line(tmp_path):
+    report = make_report()
+    line = "line 3: * conv* * when dora and groups > 1"
+    report.cells[0].known_bug_examples = {line: 4}
+    report.cells[2].known_bug_examples = {line: 2}
+    md = render_markdown(report)
+    assert "Known bugs set aside (1 lines)" in md
+    assert f"| `{line}` | 2 | 6 |" in md
+    assert load_report(write_json(report, tmp_path / "r.json")) == report
+    assert "Known bugs set aside" not in render_markdown(make_report())
+
+
 def test_fence_outgrows_backticks_in_text():
     block = fence("a ``` b")
     assert block.startswith("````\n") and block.endswith("\n````")

@@ -35,6 +35,7 @@ def render_markdown(report: RunReport) -> str:
     out += ["", "### Results (worst ratio error/bound; the gate is ≤ 1)", "", table_md(status_table(report))]
     out += _failures(report)
     out += _not_run(report)
+    out += _known_bugs(report)
     out += _details("Error statistics per cell", table_md(stats_table(report)), _STATS_NOTE)
     tol = tolerance_table(report)
     if tol.rows:
@@ -88,6 +89,25 @@ def _not_run(report: RunReport) -> list[str]:
         return []
     lines = [f"- {c.status} `{cell_label(c.key)}`: {_inline(c.message or 'no reason given')}" for c in cells]
     return _details(f"Skipped and xfailed cells ({len(cells)})", "\n".join(lines), "")
+
+
+def _known_bugs(report: RunReport) -> list[str]:
+    """Examples set aside by each xfails ``when`` line: how much of the matrix a known bug hides."""
+    per_line: dict[str, list[int]] = {}
+    for c in report.cells:
+        for line, n in c.known_bug_examples.items():
+            cells_and_examples = per_line.setdefault(line, [0, 0])
+            cells_and_examples[0] += 1
+            cells_and_examples[1] += n
+    if not per_line:
+        return []
+    table = Table(
+        ["xfails line", "cells", "examples set aside"],
+        [[Cell(k, "code"), Cell(str(v[0])), Cell(str(v[1]))] for k, v in sorted(per_line.items())],
+        numeric={1, 2},
+    )
+    note = "Known bugs (xfails `when` lines): these examples were not run; the rest of each cell was."
+    return _details(f"Known bugs set aside ({len(per_line)} lines)", table_md(table), note)
 
 
 def _details(summary: str, body: str, note: str) -> list[str]:
