@@ -135,7 +135,7 @@ class Run:
         used: set[int] = set()
         catalogue = all_properties()
         # The xfails' ``when`` lines travel with the options, so every worker sets the same examples aside.
-        self.opts = replace(self.opts, known_bugs=example_rules(self.xfails))
+        self.opts = with_xfails(self.opts, self.xfails)
 
         def done(result: CellResult) -> None:
             self.report.cells.append(apply_xfail(result, self.xfails, used))
@@ -198,8 +198,17 @@ def _cost(cell: Cell, prop: Property) -> float:
     return weight * {"conv3d": 3.0, "mha": 2.0, "conv2d": 1.5}.get(cell.layer, 1.0)
 
 
+def with_xfails(opts: RunOptions, rules: list[XfailRule]) -> RunOptions:
+    """Options carrying the xfails that change how a cell runs (so workers and replays agree)."""
+    return replace(
+        opts,
+        known_bugs=example_rules(rules),
+        expected_cells=tuple(r for r in rules if r.condition is None),
+    )
+
+
 def start_run(target_name: str, opts: RunOptions, xfails: list[XfailRule], shard: str | None = None) -> Run:
     target = load_target(target_name)
     header = make_header(target, opts, shard, list(sys.argv))
-    opts = replace(opts, known_bugs=example_rules(xfails))
+    opts = with_xfails(opts, xfails)
     return Run(target_name, target, opts, xfails, RunReport(header))

@@ -84,3 +84,17 @@ def test_a_cell_whose_every_example_is_a_known_bug_is_xfailed():
     assert result.status == "xfailed"
     assert "every example drawn matched a known bug: everything" in result.message
     assert used == {1}
+
+
+def test_a_whole_cell_expected_failure_is_not_shrunk():
+    """It only has to show it still fails; shrinking it would be most of a library's gate time."""
+    from properties.session import with_xfails
+
+    base = RunOptions(target=SCALED.name, profile=PROFILES["ci"], seed=0, max_examples=12)
+    prop = all_properties()[CELL.property]
+    shrunk = run_cell(SCALED, prop, CELL, base)
+    opts = with_xfails(base, parse_xfails("merge_equivalence linear float32  # merges 1% too much\n"))
+    unshrunk = run_cell(SCALED, prop, CELL, opts)
+    assert shrunk.status == unshrunk.status == "failed"
+    assert shrunk.examples > 12  # the shrinker's calls count as examples
+    assert unshrunk.examples <= 12
