@@ -45,6 +45,7 @@ FEATURES: dict[str, str] = {
     "padding_same": "conv padding='same'",
     "padding_mode": "'zeros', 'reflect', 'replicate', 'circular' ('' outside conv)",
     "hostile": "planted hostile value: 'nan', 'inf', '-inf', 'overflow', or '' when none",
+    "kernel_size": "conv kernel size as a tuple, e.g. (1, 1, 2) (() outside conv)",
 }
 
 _NODES = (
@@ -128,4 +129,5 @@ def features(ex: Example, hostile: Any = None) -> dict[str, Any]:
         "padding_same": bool(c) and c.padding == "same",
         "padding_mode": c.padding_mode if c else "",
         "hostile": getattr(hostile, "kind", "") or "",
+        "kernel_size": tuple(c.kernel_size) if c else (),
     }
