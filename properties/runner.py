@@ -168,6 +168,15 @@ def _seed_rngs(seed: int, device: str) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def phases_for(cell: Cell, opts: RunOptions) -> tuple[Phase, ...]:
+    """Hypothesis phases for a cell. A cell listed as a whole-cell expected failure only has to show
+    that it still fails: shrinking it (up to the profile's shrink budget) would be most of a library's
+    gate time, so it is not shrunk."""
+    if any(r.matches(cell.property, cell.layer, cell.dtype) for r in opts.expected_cells):
+        return (Phase.generate, Phase.target)
+    return (Phase.generate, Phase.target, Phase.shrink)
+
+
 def skip_reason(target: Target, prop: Property, cell: Cell) -> str | None:
     """Why this target cannot run this cell at all, or None."""
     caps = target.capabilities()
@@ -246,10 +255,6 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         if opts.profile.target_ratio and ctx.samples:
             hyp_target(math.log(max(worst, 1e-300)), label="log error ratio")
 
-    # A cell listed as an expected failure only has to show that it still fails: shrinking it (up to
-    # the profile's shrink budget per cell) would be most of a library's run time.
-    expected = any(r.matches(cell.property, cell.layer, cell.dtype) for r in opts.expected_cells)
-    phases = (Phase.generate, Phase.target) if expected else (Phase.generate, Phase.target, Phase.shrink)
     test = settings(
         max_examples=opts.examples(prop),
         derandomize=False,
@@ -258,7 +263,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         print_blob=False,
         report_multiple_bugs=False,
         verbosity=Verbosity.quiet,
-        phases=phases,
+        phases=phases_for(cell, opts),
         suppress_health_check=list(HealthCheck),
     )(hyp_seed(cell_seed(opts.seed, cell))(without_database_key(given(strategy)(one_example))))
 
