@@ -186,8 +186,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     skipped = skipped_reasons(report)
     if skipped:
         print("\nskipped:\n" + skipped)
-    if report.header.unmatched_xfails:
-        print("\nxfail lines that matched no cell: " + "; ".join(report.header.unmatched_xfails))
+    cells_unmatched = [x for x in report.header.unmatched_xfails if " when " not in x]
+    examples_unmatched = [x for x in report.header.unmatched_xfails if " when " in x]
+    if cells_unmatched:
+        print("\nxfail lines that matched no cell: " + "; ".join(cells_unmatched))
+    if examples_unmatched:
+        print(
+            "\nxfail 'when' lines that matched no example of this run (a rare case these examples did not "
+            "draw, or a stale line): " + "; ".join(examples_unmatched)
+        )
     if out_dir:
         paths = reporting.write_reports(report, out_dir)
         journal.close(remove=True)

@@ -151,7 +151,8 @@ def test_when_lines_gate_on_new_failures_only_and_replays_keep_them(tmp_path):
     ]
     known = cli("run", "--target", "tests.fixture_targets:RSLORA_MERGE", *args, "--xfails", str(xf))
     assert known.returncode == 0, known.stdout
-    assert "matched no cell: line 2: merge_equivalence linear * when rank > 1000" in known.stdout
+    assert "matched no example of this run" in known.stdout
+    assert "line 2: merge_equivalence linear * when rank > 1000" in known.stdout
     new_bug = cli("run", "--target", "tests.fixture_targets:SCALED", *args, "--xfails", str(xf))
     assert new_bug.returncode == 1, new_bug.stdout
     replay = next(line for line in new_bug.stdout.splitlines() if "lora-conformance run" in line)
