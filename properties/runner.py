@@ -81,13 +81,6 @@ class CellTimeout(BaseException):
     """Raised by the alarm: a BaseException so Hypothesis does not treat it as a failing example."""
 
 
-class _AllKnown(BaseException):
-    """Every one of many examples drawn is a known bug: the cell is an expected failure, stop drawing."""
-
-
-ALL_KNOWN_AFTER = 4  # times max_examples known-bug examples, with none other, ends a cell as xfailed
-
-
 class TargetCrash(Exception):
     """The target raised something other than a property failure or :class:`Unsupported`."""
 
@@ -222,7 +215,6 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         for r in opts.known_bugs
         if r.matches(cell.property, cell.layer, cell.dtype)
     ]
-    wanted = opts.examples(prop)
     strategy = st.tuples(examples(draw, hostile=prop.hostile), st.data() if prop.needs_data else st.none())
 
     def one_example(drawn) -> None:
@@ -237,8 +229,6 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             for rule, applies in known:
                 if applies(facts):
                     state.known[str(rule)] += 1
-                    if not state.examples and sum(state.known.values()) >= ALL_KNOWN_AFTER * wanted:
-                        raise _AllKnown()  # Hypothesis would draw ten times max_examples before giving up
                     reject()  # a known bug: set aside, so the rest of the cell is still tested
         state.examples += 1
         ctx = Context(target, ex, arith, data=data, hostile=hostile, clean_spec=clean_spec)
@@ -290,7 +280,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         result.message = (
             f"hang: the cell ran past {opts.profile.cell_timeout_s:g} s ({state.examples} examples done)"
         )
-    except (Unsatisfiable, _AllKnown):
+    except Unsatisfiable:
         if state.known and not state.examples:
             result.status = "xfailed"
             result.message = "every example drawn matched a known bug: " + _known_summary(state.known, opts)

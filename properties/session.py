@@ -6,8 +6,10 @@ every finished cell; the CLI's sink rewrites ``report.json`` atomically after ea
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import platform
+import signal
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -160,7 +162,7 @@ class Run:
         pending = list(cells)
         while pending:
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent) as pool:
                 futures = {pool.submit(_worker_run, self.target_name, c, self.opts): c for c in pending}
                 try:
                     while futures:
@@ -180,6 +182,20 @@ class Run:
                     for p in list(getattr(pool, "_processes", {}).values()):
                         p.terminate()
                     raise
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: exit when the run's main process dies, even by SIGKILL (Linux).
+
+    Without it, workers of a killed run linger, holding memory (and a library's files open).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _died(cell: Cell) -> CellResult:

@@ -26,7 +26,10 @@ def python_of(env: Path) -> Path:
 def create(env: Path, requirements: list[str]) -> float:
     """Create (or refresh) ``env`` with torch, ``requirements`` and the test tools; returns the seconds."""
     start = time.monotonic()
-    venv.create(env, with_pip=True, clear=False)
+    if not python_of(env).exists():
+        # An existing env is only refreshed: re-creating it would copy the interpreter over one that a
+        # running process may be executing ("Text file busy").
+        venv.create(env, with_pip=True, clear=False)
     cmd = [str(python_of(env)), "-m", "pip", "install", "-q", TORCH, *requirements, *TEST_DEPS]
     cmd += ["-e", str(REPO)]
     print("+", " ".join(cmd), flush=True)

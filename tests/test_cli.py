@@ -159,7 +159,7 @@ def test_when_lines_gate_on_new_failures_only_and_replays_keep_them(tmp_path):
     assert f"--xfails {xf}" in replay  # the replay sets the same examples aside, so it draws the same
 
 
-def _slow_run_with_report(tmp_path: Path) -> subprocess.Popen:
+def _slow_run_with_report(tmp_path: Path, *extra: str) -> subprocess.Popen:
     """A run of a slow target writing reports to tmp_path; returns once its journal holds a cell."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -176,6 +176,7 @@ def _slow_run_with_report(tmp_path: Path) -> subprocess.Popen:
             "linear",
             "--report",
             str(tmp_path),
+            *extra,
         ],
         cwd=REPO,
         env=env,
@@ -218,6 +219,31 @@ def test_killed_run_leaves_a_journal_that_rebuilds_the_report(tmp_path):
     assert len(data["cells"]) == finished
     assert data["header"]["interrupted"] is True
     assert (tmp_path / "rebuilt" / "report.html").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_of_a_killed_parallel_run_exit_too(tmp_path):
+    proc = _slow_run_with_report(
+        tmp_path, "--jobs", "2", "--properties", "merge_equivalence,reference_forward"
+    )
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+    workers = [int(p) for p in children.stdout.split()]
+    assert workers, "the run started no worker processes"
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 30
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
+    assert not alive, f"worker processes {alive} outlived the killed run"
+
+
+def _state(pid: int) -> str:
+    try:
+        return "zombie" if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z" else "alive"
+    except OSError:
+        return "zombie"
 
 
 def test_shards_partition_the_cells_deterministically():
