@@ -53,9 +53,8 @@ class CellResult:
     replay: str | None = None  # one-line command replaying the failure
     seed: int | None = None
     samples: list[Sample] = field(default_factory=list)  # capped; for plots
-    known_bug_examples: dict[str, int] = field(
-        default_factory=dict
-    )  # xfails 'when' line -> examples set aside
+    # xfails 'when' line -> examples of this cell set aside as that known bug
+    known_bug_examples: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -28,7 +28,7 @@ from properties.runner import Cell, RunOptions, run_cell
 from properties.spec import DTYPES, LAYER_KINDS
 from properties.targets.protocol import Target
 from properties.targets.registry import load_target
-from properties.xfails import XfailRule, example_rules, match
+from properties.xfails import XfailRule, cell_rules, example_rules, match
 
 
 def plan_cells(
@@ -128,16 +128,21 @@ def _worker_run(target_name: str, cell: Cell, opts: RunOptions) -> CellResult:
 class Run:
     target_name: str
     target: Target
-    opts: RunOptions
+    options: RunOptions  # as given; ``opts`` adds the xfails
     xfails: list[XfailRule]
     report: RunReport
+
+    @property
+    def opts(self) -> RunOptions:
+        """The options cells run with: the xfails travel with them, so every worker (and a replay)
+        sets the same examples aside and skips shrinking the same expected cells."""
+        return with_xfails(self.options, self.xfails)
 
     def execute(self, cells: Iterable[Cell], jobs: int, sink: Callable[[CellResult], None]) -> RunReport:
         """Run ``cells``, handing each result to ``sink``; returns the report (partial when interrupted)."""
         used: set[int] = set()
         catalogue = all_properties()
-        # The xfails' ``when`` lines travel with the options, so every worker sets the same examples aside.
-        self.opts = with_xfails(self.opts, self.xfails)
+        opts = self.opts
 
         def done(result: CellResult) -> None:
             self.report.cells.append(apply_xfail(result, self.xfails, used))
@@ -146,9 +151,9 @@ class Run:
         try:
             if jobs <= 1:
                 for cell in cells:
-                    done(run_cell(self.target, catalogue[cell.property], cell, self.opts))
+                    done(run_cell(self.target, catalogue[cell.property], cell, opts))
             else:
-                self._parallel(list(cells), jobs, done)
+                self._parallel(list(cells), jobs, opts, done)
         except KeyboardInterrupt:
             self.report.header.interrupted = True
         finally:
@@ -156,14 +161,16 @@ class Run:
             self.report.header.unmatched_xfails = [str(r) for r in self.xfails if r.line not in used]
         return self.report
 
-    def _parallel(self, cells: list[Cell], jobs: int, done: Callable[[CellResult], None]) -> None:
+    def _parallel(
+        self, cells: list[Cell], jobs: int, opts: RunOptions, done: Callable[[CellResult], None]
+    ) -> None:
         # Slow cells first keeps both workers busy until the end.
         cells = sorted(cells, key=lambda c: _cost(c, all_properties()[c.property]), reverse=True)
         pending = list(cells)
         while pending:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent) as pool:
-                futures = {pool.submit(_worker_run, self.target_name, c, self.opts): c for c in pending}
+                futures = {pool.submit(_worker_run, self.target_name, c, opts): c for c in pending}
                 try:
                     while futures:
                         finished, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -219,12 +226,11 @@ def with_xfails(opts: RunOptions, rules: list[XfailRule]) -> RunOptions:
     return replace(
         opts,
         known_bugs=example_rules(rules),
-        expected_cells=tuple(r for r in rules if r.condition is None),
+        expected_cells=cell_rules(rules),
     )
 
 
 def start_run(target_name: str, opts: RunOptions, xfails: list[XfailRule], shard: str | None = None) -> Run:
     target = load_target(target_name)
     header = make_header(target, opts, shard, list(sys.argv))
-    opts = with_xfails(opts, xfails)
     return Run(target_name, target, opts, xfails, RunReport(header))

@@ -81,7 +81,12 @@ def bundled_xfails(target: str, version: str) -> Path | None:
 
 def match(rules: list[XfailRule], prop: str, layer: str, dtype: str) -> XfailRule | None:
     """The first whole-cell line for this cell (``when`` lines never cover a whole cell)."""
-    return next((r for r in rules if r.condition is None and r.matches(prop, layer, dtype)), None)
+    return next((r for r in cell_rules(rules) if r.matches(prop, layer, dtype)), None)
+
+
+def cell_rules(rules: list[XfailRule]) -> tuple[XfailRule, ...]:
+    """The plain lines: whole cells expected to fail."""
+    return tuple(r for r in rules if r.condition is None)
 
 
 def example_rules(rules: list[XfailRule]) -> tuple[XfailRule, ...]:
