@@ -57,9 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-growth", type=float, default=2.0, help="worst-ratio growth that counts as regression"
     )
-    run.add_argument("--jobs", type=int, default=1, help="worker processes (cells run in parallel)")
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes running cells (default 1); a crashing or hung target costs a worker, "
+        "not the run. 0 runs cells in this process (for debugging: a crash ends the run)",
+    )
     run.add_argument(
         "--cell-timeout", type=float, help="seconds before a cell counts as hung (default: profile)"
+    )
+    run.add_argument(
+        "--example-timeout",
+        type=float,
+        help="seconds before one example counts as hung and ends its cell (default: profile, 30 s for ci)",
     )
     run.add_argument("--shard", type=_shard, help="run shard i of n (deterministic), e.g. 2/4")
     run.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
@@ -112,6 +123,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     profile = PROFILES[args.profile]
     if args.cell_timeout:
         profile = dataclasses.replace(profile, cell_timeout_s=args.cell_timeout)
+    if args.example_timeout:
+        profile = dataclasses.replace(profile, example_timeout_s=args.example_timeout)
+    if args.jobs < 0:
+        return _usage(f"--jobs {args.jobs}: need 0 (in this process) or more workers")
     seed = args.seed if args.seed is not None else (0 if profile.derandomize else random.randrange(2**31))
     target_name = _auto_target() if args.target == "auto" else args.target
     if args.device.startswith("cuda"):

@@ -15,6 +15,10 @@ class Profile:
     samples_kept: int  # samples stored per cell for reports
     shrink_seconds: float  # time Hypothesis may spend shrinking a failure (fail fast in CI)
     min_examples: int = 6  # floor for costly properties, which get max_examples / cost
+    # One example running longer is a hang: it ends the cell at once (the worker is killed when the
+    # target ignores the alarm). Generous: the slowest legitimate example (264 train forwards of a
+    # conv3d through PEFT on a loaded machine) takes a few seconds.
+    example_timeout_s: float = 30
 
     def examples_for(self, cost: float) -> int:
         """Examples per cell for a property whose example costs ``cost`` ordinary ones."""
@@ -25,6 +29,13 @@ PROFILES = {
     "ci": Profile("ci", 12, True, False, cell_timeout_s=120, samples_kept=64, shrink_seconds=15),
     "dev": Profile("dev", 50, False, False, cell_timeout_s=300, samples_kept=200, shrink_seconds=60),
     "thorough": Profile(
-        "thorough", 400, False, True, cell_timeout_s=1800, samples_kept=400, shrink_seconds=300
+        "thorough",
+        400,
+        False,
+        True,
+        cell_timeout_s=1800,
+        samples_kept=400,
+        shrink_seconds=300,
+        example_timeout_s=60,
     ),
 }

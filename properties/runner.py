@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from hypothesis import target as hyp_target
 from hypothesis.errors import Flaky, Unsatisfiable
 
+from properties.activity import ACTIVITY, Snapshot, TracedTarget
 from properties.catalogue import Context, Property, PropertyFailure
 from properties.hypothesis_pins import fixed_constants, shrink_budget, without_database_key
 from properties.isolation import cuda_flag_values, isolated, pinned_backend
@@ -135,20 +136,59 @@ class _CellState:
     worst: tuple[float, str] = (-1.0, "")
 
 
-class _Alarm:
-    """Per-cell wall-clock limit via SIGALRM (main thread only; elsewhere no limit is enforced)."""
+class ExampleTimeout(BaseException):
+    """Raised by the alarm when one example runs past its limit; says where it was interrupted."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.armed = seconds > 0 and threading.current_thread() is threading.main_thread()
+    def __init__(self, frame: str, activity: Snapshot):
+        super().__init__(frame)
+        self.frame = frame
+        self.activity = activity  # taken when the alarm fired, before the call's ``finally`` ran
 
-    def _fire(self, *_):
-        raise CellTimeout()
+
+class _Watchdog:
+    """Wall-clock limits via SIGALRM: one for the cell, one for each example (main thread only;
+    elsewhere no limit is enforced here, and a worker's parent still enforces both).
+
+    One timer serves both: it is armed for whichever deadline comes first. The per-example limit is
+    what finds a hang fast: the first example that hangs ends the cell, instead of every example
+    waiting out the cell's limit. Native code that never returns to the interpreter ignores the
+    alarm; the parent of a worker kills it (see :mod:`properties.workers`).
+    """
+
+    def __init__(self, cell_s: float, example_s: float):
+        self.cell_s, self.example_s = cell_s, example_s
+        self.armed = (cell_s > 0 or example_s > 0) and threading.current_thread() is threading.main_thread()
+        self.cell_deadline = self.example_deadline = math.inf
+
+    def _fire(self, _signum, frame):
+        now = time.monotonic()
+        if now >= self.example_deadline - 1e-3:
+            where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}" if frame else ""
+            raise ExampleTimeout(where, ACTIVITY.snapshot())
+        if now >= self.cell_deadline - 1e-3:
+            raise CellTimeout()
+        self._arm()  # early by the two clocks' drift: wait for the deadline itself
+
+    def _arm(self) -> None:
+        left = min(self.cell_deadline, self.example_deadline) - time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3) if math.isfinite(left) else 0)
+
+    def start_example(self) -> None:
+        if self.armed and self.example_s > 0:
+            self.example_deadline = time.monotonic() + self.example_s
+            self._arm()
+
+    def end_example(self) -> None:
+        if self.armed and self.example_s > 0:
+            self.example_deadline = math.inf
+            self._arm()
 
     def __enter__(self):
         if self.armed:
             self.old = signal.signal(signal.SIGALRM, self._fire)
-            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+            if self.cell_s > 0:
+                self.cell_deadline = time.monotonic() + self.cell_s
+            self._arm()
         return self
 
     def __exit__(self, *exc):
@@ -216,6 +256,9 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         if r.matches(cell.property, cell.layer, cell.dtype)
     ]
     strategy = st.tuples(examples(draw, hostile=prop.hostile), st.data() if prop.needs_data else st.none())
+    traced = TracedTarget(target)  # records each target call, so a hang or crash can name it
+    watchdog = _Watchdog(opts.profile.cell_timeout_s, opts.profile.example_timeout_s)
+    ACTIVITY.reset()
 
     def one_example(drawn) -> None:
         ex, data = drawn
@@ -231,8 +274,10 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
                     state.known[str(rule)] += 1
                     reject()  # a known bug: set aside, so the rest of the cell is still tested
         state.examples += 1
-        ctx = Context(target, ex, arith, data=data, hostile=hostile, clean_spec=clean_spec)
+        ctx = Context(traced, ex, arith, data=data, hostile=hostile, clean_spec=clean_spec)
         description = ex.describe() + (f"\nhostile: {hostile}" if hostile else "")
+        ACTIVITY.start_example(state.examples, description)
+        watchdog.start_example()
         try:
             with isolated(), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -248,6 +293,8 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             state.last_failure = ("error", _crash_summary(e), description)
             raise TargetCrash(state.last_failure[1]) from e
         finally:
+            watchdog.end_example()
+            ACTIVITY.end_example()
             state.samples.extend(ctx.samples)
         worst = max((s.ratio for s in ctx.samples), default=0.0)
         if worst > state.worst[0]:
@@ -269,7 +316,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
 
     try:
         with (
-            _Alarm(opts.profile.cell_timeout_s),
+            watchdog,
             pinned_backend(opts.threads, opts.mkldnn, opts.cuda_flags),
             shrink_budget(opts.profile.shrink_seconds),
             fixed_constants(),
@@ -280,6 +327,11 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         result.message = (
             f"hang: the cell ran past {opts.profile.cell_timeout_s:g} s ({state.examples} examples done)"
         )
+    except ExampleTimeout as e:
+        result.status = "error"
+        result.message = hang_message(e.activity, opts.profile.example_timeout_s, e.frame)
+        result.example = e.activity.description
+        result.replay = replay_command(opts, cell)
     except Unsatisfiable:
         if state.known and not state.examples:
             result.status = "xfailed"
@@ -310,6 +362,16 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             )
     _keep_samples(result, state, opts.profile.samples_kept)
     return result
+
+
+def hang_message(activity: Snapshot, limit_s: float, frame: str = "", killed: bool = False) -> str:
+    """One line naming the example and the target call that hung (and the frame, when known)."""
+    at = f" at {frame}" if frame else ""
+    how = " and ignored the alarm (native code?), so its worker was killed" if killed else ""
+    return (
+        f"hang: {activity.where()}{at}, ran past the {limit_s:g} s example limit (--example-timeout)"
+        f"{how}; the rest of the cell was not run"
+    )
 
 
 def _known_summary(known: Counter, opts: RunOptions) -> str:

@@ -1,4 +1,4 @@
-"""A run: properties x layer kinds x dtypes for one target, sequential or in worker processes.
+"""A run: properties x layer kinds x dtypes for one target, in worker processes (or in this one).
 
 Results stream to a sink as each cell finishes, so an interrupted (Ctrl-C) or crashing run keeps
 every finished cell; the CLI's sink rewrites ``report.json`` atomically after each one.
@@ -6,15 +6,10 @@ every finished cell; the CLI's sink rewrites ``report.json`` atomically after ea
 
 from __future__ import annotations
 
-import ctypes
-import multiprocessing
 import platform
-import signal
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -28,6 +23,7 @@ from properties.runner import Cell, RunOptions, run_cell
 from properties.spec import DTYPES, LAYER_KINDS
 from properties.targets.protocol import Target
 from properties.targets.registry import load_target
+from properties.workers import WorkerPool
 from properties.xfails import XfailRule, cell_rules, example_rules, match
 
 
@@ -114,16 +110,6 @@ def apply_xfail(result: CellResult, rules: list[XfailRule], used: set[int]) -> C
     return result
 
 
-_WORKER_TARGETS: dict[str, Target] = {}
-
-
-def _worker_run(target_name: str, cell: Cell, opts: RunOptions) -> CellResult:
-    """Runs in a worker process: one target instance per process, loaded on first use."""
-    if target_name not in _WORKER_TARGETS:
-        _WORKER_TARGETS[target_name] = load_target(target_name)
-    return run_cell(_WORKER_TARGETS[target_name], all_properties()[cell.property], cell, opts)
-
-
 @dataclass
 class Run:
     target_name: str
@@ -139,7 +125,11 @@ class Run:
         return with_xfails(self.options, self.xfails)
 
     def execute(self, cells: Iterable[Cell], jobs: int, sink: Callable[[CellResult], None]) -> RunReport:
-        """Run ``cells``, handing each result to ``sink``; returns the report (partial when interrupted)."""
+        """Run ``cells``, handing each result to ``sink``; returns the report (partial when interrupted).
+
+        ``jobs`` worker processes run the cells (:mod:`properties.workers`): a target that crashes its
+        process or hangs in native code costs a worker and becomes an ``error`` cell, and the run goes
+        on. ``jobs=0`` runs them in this process, for debugging a target: a crash then ends the run."""
         used: set[int] = set()
         catalogue = all_properties()
         opts = self.opts
@@ -149,70 +139,21 @@ class Run:
             sink(result)
 
         try:
-            if jobs <= 1:
+            if jobs == 0:
                 for cell in cells:
                     done(run_cell(self.target, catalogue[cell.property], cell, opts))
             else:
-                self._parallel(list(cells), jobs, opts, done)
+                cells = list(cells)
+                if jobs > 1:  # slow cells first keeps every worker busy until the end
+                    cells.sort(key=lambda c: _cost(c, catalogue[c.property]), reverse=True)
+                with WorkerPool(self.target_name, jobs) as pool:
+                    pool.run(cells, opts, done)
         except KeyboardInterrupt:
             self.report.header.interrupted = True
         finally:
             self.report.header.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self.report.header.unmatched_xfails = [str(r) for r in self.xfails if r.line not in used]
         return self.report
-
-    def _parallel(
-        self, cells: list[Cell], jobs: int, opts: RunOptions, done: Callable[[CellResult], None]
-    ) -> None:
-        # Slow cells first keeps both workers busy until the end.
-        cells = sorted(cells, key=lambda c: _cost(c, all_properties()[c.property]), reverse=True)
-        pending = list(cells)
-        while pending:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent) as pool:
-                futures = {pool.submit(_worker_run, self.target_name, c, opts): c for c in pending}
-                try:
-                    while futures:
-                        finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                        for f in finished:
-                            cell = futures.pop(f)
-                            pending.remove(cell)
-                            try:
-                                done(f.result())
-                            except BrokenProcessPool:
-                                done(_died(cell))
-                                raise
-                except BrokenProcessPool:
-                    continue  # a worker died (segfault, OOM): a fresh pool runs what is left
-                except KeyboardInterrupt:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    for p in list(getattr(pool, "_processes", {}).values()):
-                        p.terminate()
-                    raise
-
-
-def _die_with_parent() -> None:
-    """Worker initializer: exit when the run's main process dies, even by SIGKILL (Linux).
-
-    Without it, workers of a killed run linger, holding memory (and a library's files open).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _died(cell: Cell) -> CellResult:
-    return CellResult(
-        cell.property,
-        cell.layer,
-        cell.dtype,
-        "error",
-        message="the worker process died while running this cell or one beside it (crash or out of memory)",
-    )
 
 
 def _cost(cell: Cell, prop: Property) -> float:

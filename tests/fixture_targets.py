@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from properties.targets.reference import ReferenceHandle, ReferenceTarget
@@ -54,6 +56,45 @@ class HangTarget(ReferenceTarget):
         return _HangHandle(spec, False)
 
 
+class _SegfaultHandle(ReferenceHandle):
+    """Dies like a native kernel with a bad pointer: SIGSEGV in the forward (from the 2nd example on)."""
+
+    calls = 0
+
+    def forward(self, x, **kw):
+        type(self).calls += 1
+        if type(self).calls > 1:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return super().forward(x, **kw)
+
+
+class _ExitHandle(ReferenceHandle):
+    """A dependency that calls ``os._exit`` (no exception, no cleanup) in merge."""
+
+    def merge(self, *, adapter_names=None, safe=False):
+        os._exit(3)
+
+
+class _NativeHangHandle(ReferenceHandle):
+    """A hang in native code that never returns to the interpreter: the alarm is blocked."""
+
+    def forward(self, x, **kw):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(600)
+        return super().forward(x, **kw)
+
+
+class _FixtureTarget(ReferenceTarget):
+    """The reference with another handle class."""
+
+    def __init__(self, name, handle):
+        super().__init__()
+        self.name, self.handle = name, handle
+
+    def build(self, spec):
+        return self.handle(spec, False)
+
+
 class _SlowHandle(ReferenceHandle):
     def forward(self, x, **kw):
         time.sleep(0.3)
@@ -95,3 +136,6 @@ RSLORA_MERGE = RsloraMergeTarget()
 CRASH = CrashTarget()
 HANG = HangTarget()
 SLOW = SlowTarget()
+SEGFAULT = _FixtureTarget("segfault", _SegfaultHandle)
+EXIT = _FixtureTarget("exit", _ExitHandle)
+NATIVE_HANG = _FixtureTarget("native-hang", _NativeHangHandle)
