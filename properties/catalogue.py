@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from hypothesis import strategies as st
 
+from properties.diagnostics import form_problem, value_problem
 from properties.precision import Arithmetic, Expected, inner_dim, measure
 from properties.results import Sample
 from properties.spec import LAYER_KINDS, Example, LayerKind, LayerSpec
@@ -68,10 +69,16 @@ class Context:
         ``statistical``: the bound is a confidence radius, not rounding, so the error in units of
         ``u M`` means nothing and is left out (NaN) of the rounding statistics."""
         r = rank if rank is not None else sum(a.r for a in self.spec.adapters)
-        if tuple(actual.shape) != tuple(expected.exact.shape):
-            raise PropertyFailure(
-                f"{quantity}: shape {tuple(actual.shape)}, expected {tuple(expected.exact.shape)}"
-            )
+        wrong = form_problem(
+            actual,
+            expected,
+            dtype=self.arith.dtype,
+            device=self.spec.device,
+            quantity=quantity,
+            statistical=statistical,
+        )
+        if wrong:
+            raise PropertyFailure(wrong)
         sample = measure(
             actual, expected, self.arith, quantity=quantity, inner=inner_dim(self.spec), rank=r, cycles=cycles
         )
@@ -80,7 +87,8 @@ class Context:
         self.samples.append(sample)
         if not sample.ratio <= 1.0:
             raise PropertyFailure(
-                f"{quantity}: error {sample.error:.3g} exceeds the precision bound {sample.bound:.3g} "
+                value_problem(actual, expected, quantity=quantity)
+                or f"{quantity}: error {sample.error:.3g} exceeds the precision bound {sample.bound:.3g} "
                 f"(ratio {sample.ratio:.3g}; exact value {sample.reference:.6g}; "
                 f"error = {sample.err_u:.3g} u*M)"
             )

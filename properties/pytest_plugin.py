@@ -3,8 +3,10 @@
     pytest --pyargs properties --lora-target peft [--lora-profile ci] [--lora-xfails FILE] [--lora-report DIR]
 
 Each cell (property x layer x dtype) is one test item, so ``-k``, ``-x`` and pytest-xdist (``-n 2``)
-work as usual. Results travel to the controlling process in the items' ``user_properties``, where
-the reports are written once at the end. Without ``--lora-target`` the plugin does nothing.
+work as usual. Cells run in a worker process, as on the command line: a target that crashes its
+process or hangs in native code fails that item (``--lora-in-process`` turns this off for debugging).
+Results travel to the controlling process in the items' ``user_properties``, where the reports are
+written once at the end. Without ``--lora-target`` the plugin does nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--lora-xfails", default="auto", help="expected-failure file; 'auto': the bundled one")
     g.addoption("--lora-report", default=None, help="directory for report.json/.md/.html")
     g.addoption("--lora-device", default="cpu")
+    g.addoption(
+        "--lora-example-timeout",
+        type=float,
+        default=None,
+        help="seconds before one example counts as hung (default: the profile's)",
+    )
+    g.addoption(
+        "--lora-in-process",
+        action="store_true",
+        help="run cells in the pytest process instead of a worker (debugging: a target that crashes "
+        "its process then ends the test run, and a hang in native code is not caught)",
+    )
 
 
 def _csv(text: str) -> list[str] | None:
@@ -34,12 +48,15 @@ def _csv(text: str) -> list[str] | None:
 
 def _options(config: pytest.Config):
     """The run options, the same on every xdist worker (the seed is fixed on the controller)."""
+    import dataclasses
     import random
 
     from properties.profiles import PROFILES
     from properties.runner import RunOptions
 
     profile = PROFILES[config.getoption("lora_profile")]
+    if config.getoption("lora_example_timeout"):
+        profile = dataclasses.replace(profile, example_timeout_s=config.getoption("lora_example_timeout"))
     seed = config.getoption("lora_seed")
     if seed is None:
         workerinput = getattr(config, "workerinput", None)
@@ -106,8 +123,21 @@ def _xfail_rules(config: pytest.Config, target_name: str):
     return load_xfails(bundled_xfails(target.name, target.version()))
 
 
+@pytest.fixture(scope="session")
+def lora_worker(lora_run, pytestconfig: pytest.Config):
+    """One worker process per pytest process (per xdist worker), reused for every cell and replaced
+    when a target kills it: a segfault or ``os._exit`` fails one item instead of the test run."""
+    if pytestconfig.getoption("lora_in_process"):
+        yield None
+        return
+    from properties.workers import WorkerPool
+
+    with WorkerPool(lora_run.target_name, 1) as pool:
+        yield pool
+
+
 @pytest.fixture
-def lora_cell_runner(lora_run, request: pytest.FixtureRequest):
+def lora_cell_runner(lora_run, lora_worker, request: pytest.FixtureRequest):
     """Runs a cell and reports it the pytest way (fail / skip / xfail with the replay command)."""
     from properties.catalogue import all_properties
     from properties.console import failure_details
@@ -116,7 +146,10 @@ def lora_cell_runner(lora_run, request: pytest.FixtureRequest):
     from properties.session import apply_xfail
 
     def run(cell) -> None:
-        result = run_cell(lora_run.target, all_properties()[cell.property], cell, lora_run.opts)
+        if lora_worker is None:
+            result = run_cell(lora_run.target, all_properties()[cell.property], cell, lora_run.opts)
+        else:
+            result = lora_worker.run_one(cell, lora_run.opts)
         result = apply_xfail(result, lora_run.xfails, set())
         request.node.user_properties.append((RESULT_KEY, result.to_json()))
         if result.status == "skipped":

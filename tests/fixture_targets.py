@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import torch
+
 from properties.targets.reference import ReferenceHandle, ReferenceTarget
 
 
@@ -57,13 +59,11 @@ class HangTarget(ReferenceTarget):
 
 
 class _SegfaultHandle(ReferenceHandle):
-    """Dies like a native kernel with a bad pointer: SIGSEGV in the forward (from the 2nd example on)."""
-
-    calls = 0
+    """Dies like a native kernel with a bad pointer: SIGSEGV in a forward of more than one element
+    (so the first, minimal example passes and a later one crashes)."""
 
     def forward(self, x, **kw):
-        type(self).calls += 1
-        if type(self).calls > 1:
+        if x.numel() > 1:
             os.kill(os.getpid(), signal.SIGSEGV)
         return super().forward(x, **kw)
 
@@ -82,6 +82,31 @@ class _NativeHangHandle(ReferenceHandle):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(600)
         return super().forward(x, **kw)
+
+
+class _BadOutputHandle(ReferenceHandle):
+    """A right forward spoiled one way (``BAD``): a NaN or +Inf entry, a dropped row, float64, meta."""
+
+    bad = "nan"
+
+    def forward(self, x, **kw):
+        y = super().forward(x, **kw)
+        flat = y.reshape(-1)
+        if self.bad == "nan":
+            flat[-1] = float("nan")
+        elif self.bad == "inf":
+            flat[-1] = float("inf")
+        elif self.bad == "shape":
+            return y.reshape(-1)[:-1]
+        elif self.bad == "dtype":
+            return y.double() if y.dtype != torch.float64 else y.float()
+        elif self.bad == "device":
+            return y.to("meta")
+        return y
+
+
+def _bad_output(kind):
+    return type(f"_Bad{kind.title()}Handle", (_BadOutputHandle,), {"bad": kind})
 
 
 class _FixtureTarget(ReferenceTarget):
@@ -139,3 +164,8 @@ SLOW = SlowTarget()
 SEGFAULT = _FixtureTarget("segfault", _SegfaultHandle)
 EXIT = _FixtureTarget("exit", _ExitHandle)
 NATIVE_HANG = _FixtureTarget("native-hang", _NativeHangHandle)
+NAN = _FixtureTarget("nan", _bad_output("nan"))
+INF = _FixtureTarget("inf", _bad_output("inf"))
+BAD_SHAPE = _FixtureTarget("bad-shape", _bad_output("shape"))
+BAD_DTYPE = _FixtureTarget("bad-dtype", _bad_output("dtype"))
+BAD_DEVICE = _FixtureTarget("bad-device", _bad_output("device"))

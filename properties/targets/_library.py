@@ -18,14 +18,44 @@ from properties.spec import LayerSpec
 
 
 def import_or_raise(module: str, missing: type[Exception], message: str, *, also: Sequence[str] = ()) -> Any:
-    """Import ``module`` (and then ``also``); if any is missing raise ``missing(message)``, the pip hint."""
-    try:
-        found = importlib.import_module(module)
-        for name in also:
-            importlib.import_module(name)
-    except ImportError as e:
-        raise missing(message) from e
+    """Import ``module`` (and then ``also``).
+
+    A package that is not installed raises ``missing(message)``, the pip hint. A package that is
+    installed but fails to import (a dependency of its own missing or broken) raises ``missing`` with
+    its own error and the module it could not find: the pip hint would send the user the wrong way."""
+    found = None
+    for name in (module, *also):
+        try:
+            imported = importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure to import is reported, in one line
+            if isinstance(e, ImportError) and not _installed(name):
+                raise missing(message) from e
+            raise missing(broken_import_message(name, e)) from e
+        found = found or imported
     return found
+
+
+def _installed(module: str) -> bool:
+    """Whether the top-level package of ``module`` is installed (findable without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def broken_import_message(module: str, error: BaseException) -> str:
+    """'`peft` 0.17.1 is installed but `import peft` fails: ModuleNotFoundError: ... (missing module ...)'."""
+    top = module.split(".")[0]
+    version = distribution_version(top)
+    installed = f"`{top}` {version}" if version != "unknown" else f"`{top}`"
+    text = f"{installed} is installed but `import {module}` fails: {type(error).__name__}: {error}"
+    missing_name = getattr(error, "name", None)
+    if isinstance(error, ModuleNotFoundError) and missing_name and missing_name.split(".")[0] != top:
+        dependency = missing_name.split(".")[0]
+        text += f" (its dependency `{dependency}` is missing or broken: install or repair `{dependency}`)"
+    return text
 
 
 def distribution_version(dist_name: str) -> str:
