@@ -69,7 +69,9 @@ def failure_details(report: RunReport) -> str:
         out.append(f"\n{MARK[c.status]}: {c.property} [{c.layer}, {c.dtype}] after {c.examples} examples")
         out.append(f"  {c.message}")
         if c.example:
-            out.append("  shrunk example:")
+            # A crash or a hang stops the cell where it happens: that example is not shrunk.
+            stopped = (c.message or "").startswith(("crash:", "hang:"))
+            out.append("  example running when it stopped:" if stopped else "  shrunk example:")
             out.extend("    " + line for line in c.example.splitlines())
         if c.replay:
             out.append(f"  seed {c.seed}; replay: {c.replay}")

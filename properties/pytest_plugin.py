@@ -132,7 +132,7 @@ def lora_worker(lora_run, pytestconfig: pytest.Config):
         return
     from properties.workers import WorkerPool
 
-    with WorkerPool(lora_run.target_name, 1) as pool:
+    with WorkerPool(lora_run.target_name, 1, device=lora_run.opts.device) as pool:
         yield pool
 
 

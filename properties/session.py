@@ -146,7 +146,7 @@ class Run:
                 cells = list(cells)
                 if jobs > 1:  # slow cells first keeps every worker busy until the end
                     cells.sort(key=lambda c: _cost(c, catalogue[c.property]), reverse=True)
-                with WorkerPool(self.target_name, jobs) as pool:
+                with WorkerPool(self.target_name, jobs, device=opts.device) as pool:
                     pool.run(cells, opts, done)
         except KeyboardInterrupt:
             self.report.header.interrupted = True

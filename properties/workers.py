@@ -112,7 +112,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def start_method() -> str:
+def start_method(device: str = "cpu") -> str:
     """``fork`` where it is safe, else ``spawn``.
 
     A forked worker starts in milliseconds with torch and the target already imported; a spawned one
@@ -125,7 +125,8 @@ def start_method() -> str:
 
     import torch
 
-    if sys.platform.startswith("linux") and threading.active_count() == 1 and not torch.cuda.is_initialized():
+    single = threading.active_count() == 1
+    if sys.platform.startswith("linux") and single and device == "cpu" and not torch.cuda.is_initialized():
         return "fork"
     return "spawn"
 
@@ -168,10 +169,12 @@ class WorkerPool:
 
     Used as a context manager, so workers never outlive the run (or the pytest session)."""
 
-    def __init__(self, target_name: str, jobs: int = 1) -> None:
+    def __init__(
+        self, target_name: str, jobs: int = 1, *, device: str = "cpu", method: str | None = None
+    ) -> None:
         self.target_name = target_name
         self.jobs = max(1, jobs)
-        self._ctx = multiprocessing.get_context(start_method())
+        self._ctx = multiprocessing.get_context(method or start_method(device))
         self._workers: list[_Worker] = []
 
     def __enter__(self) -> WorkerPool:

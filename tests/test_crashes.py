@@ -102,6 +102,20 @@ def test_a_hang_ends_its_cell_at_the_first_hung_example(tmp_path, jobs, target, 
     assert cells["unmerge_noop"]["status"] == "passed", cells["unmerge_noop"]["message"]
 
 
+def test_spawned_workers_isolate_too():
+    """Where forking is unsafe (macOS, Windows, xdist workers, CUDA) workers are spawned: a dead one
+    is reported and replaced the same way, and the replacement runs the next cell."""
+    from properties.workers import WorkerPool
+
+    opts = RunOptions(target="tests.fixture_targets:EXIT", profile=PROFILES["ci"], seed=0, max_examples=3)
+    with WorkerPool(opts.target, 1, method="spawn") as pool:
+        dead = pool.run_one(Cell("unmerge_noop", "linear", "float32"), opts)
+        alive = pool.run_one(Cell("reference_forward", "linear", "float32"), opts)
+    assert dead.status == "error"
+    assert "exited with status 3" in dead.message and "in handle.merge" in dead.message
+    assert alive.status == "passed", alive.message
+
+
 def test_in_process_mode_names_the_hung_call_too(tmp_path):
     """``--jobs 0`` (debugging) runs cells in the run's own process: a Python-level hang is still
     found by the example alarm."""
