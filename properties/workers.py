@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -69,12 +70,12 @@ def _worker_main(conn: Connection, beacon: Beacon, target_name: str) -> None:
     _die_with_parent()
     from properties.catalogue import all_properties
     from properties.runner import run_cell
-    from properties.targets.registry import TargetLoadError, load_target
+    from properties.targets.registry import load_target
 
     ACTIVITY.mirror = beacon
     try:
         target, load_error = load_target(target_name), None
-    except (TargetLoadError, Exception) as e:  # noqa: BLE001 - reported per cell below
+    except Exception as e:  # noqa: BLE001 - reported per cell below
         target, load_error = None, f"the worker could not load target {target_name!r}: {e}"
     catalogue = all_properties()
     while True:
@@ -109,17 +110,20 @@ def _die_with_parent() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the prctl
+        os._exit(0)
 
 
 def start_method(device: str = "cpu") -> str:
     """``fork`` where it is safe, else ``spawn``.
 
     A forked worker starts in milliseconds with torch and the target already imported; a spawned one
-    imports them again (1-3 s, as much CPU as the whole ``ci`` run of a small target spends in the
-    parent). Forking is safe on Linux from a single-threaded process that has not initialised CUDA
-    (a forked child cannot use CUDA, and a lock held by another thread would stay held in the child),
-    which is the command line's case; pytest-xdist workers and CUDA runs spawn.
+    imports them again (1-3 s of CPU a worker, and again after every crash). Forking is safe on Linux
+    from a single-threaded process that has not initialised CUDA (a forked child cannot use CUDA, and a
+    lock held by another thread would stay held in the child), which is the command line's case;
+    pytest-xdist workers and CUDA runs spawn.
     """
     import threading
 
