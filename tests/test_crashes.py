@@ -102,6 +102,22 @@ def test_a_hang_ends_its_cell_at_the_first_hung_example(tmp_path, jobs, target, 
     assert cells["unmerge_noop"]["status"] == "passed", cells["unmerge_noop"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("exitcode", "words"),
+    [
+        (-9, ["SIGKILL", "out of memory"]),  # what the OOM killer sends
+        (-6, ["SIGABRT", "aborted"]),
+        (-11, ["SIGSEGV", "segmentation fault"]),
+        (137, ["exited with status 137"]),
+    ],
+)
+def test_a_dead_workers_exit_is_put_in_words(exitcode, words):
+    from properties.workers import death_cause
+
+    for word in words:
+        assert word in death_cause(exitcode)
+
+
 def test_spawned_workers_isolate_too():
     """Where forking is unsafe (macOS, Windows, xdist workers, CUDA) workers are spawned: a dead one
     is reported and replaced the same way, and the replacement runs the next cell."""
