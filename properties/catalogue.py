@@ -70,12 +70,7 @@ class Context:
         ``u M`` means nothing and is left out (NaN) of the rounding statistics."""
         r = rank if rank is not None else sum(a.r for a in self.spec.adapters)
         wrong = form_problem(
-            actual,
-            expected,
-            dtype=self.arith.dtype,
-            device=self.spec.device,
-            quantity=quantity,
-            statistical=statistical,
+            actual, expected, spec=self.spec, arith=self.arith, quantity=quantity, statistical=statistical
         )
         if wrong:
             raise PropertyFailure(wrong)

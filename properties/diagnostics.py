@@ -13,23 +13,25 @@ import math
 
 import torch
 
-from properties.precision import Expected
+from properties.precision import Arithmetic, Expected
+from properties.spec import LAYER_KINDS
 
 
 def form_problem(
     actual: object,
     expected: Expected,
     *,
-    dtype: torch.dtype,
-    device: str,
+    spec: object,
+    arith: Arithmetic,
     quantity: str,
     statistical: bool = False,
 ) -> str | None:
     """What is wrong with the kind of value a target returned (not a tensor, shape, dtype, device), or None.
 
-    ``dtype`` and ``device`` are the layer's: an output, a weight or a delta a target returns is in
-    the layer's dtype and on its device. A ``statistical`` quantity is the suite's own reduction
-    (a mean in float64 on the CPU), so only its shape is checked."""
+    An output, a weight or a delta a layer target returns is in the layer's dtype (``arith.dtype``) and
+    on its device (``spec.device``). Not checked: the dtype of a ``statistical`` quantity (the suite's
+    own reduction, a float64 mean on the CPU) nor of a layer on a quantized base (``spec.quant``),
+    whose decoded weights and block scales have dtypes of their own."""
     if not isinstance(actual, torch.Tensor):
         return f"{quantity}: the target returned {type(actual).__name__}, expected a tensor"
     shape, want = tuple(actual.shape), tuple(expected.exact.shape)
@@ -37,9 +39,11 @@ def form_problem(
         return f"{quantity}: wrong shape {shape}, expected {want}"
     if statistical:
         return None
-    if actual.dtype != dtype:
-        return f"{quantity}: wrong dtype {_name(actual.dtype)}, expected {_name(dtype)} (the layer's dtype)"
-    want_device = torch.device(device)
+    layer_dtype = getattr(spec, "kind", None) in LAYER_KINDS and getattr(spec, "quant", None) is None
+    if layer_dtype and actual.dtype != arith.dtype:
+        got, layer = _name(actual.dtype), _name(arith.dtype)
+        return f"{quantity}: wrong dtype {got}, expected {layer} (the layer's dtype)"
+    want_device = torch.device(getattr(spec, "device", "cpu"))
     if actual.device.type != want_device.type or (
         want_device.index is not None and actual.device.index != want_device.index
     ):

@@ -36,14 +36,14 @@ KILL_GRACE_S = 5.0
 START_LIMIT_S = 600.0
 POLL_S = 0.25
 
-_SIGNAL_MEANING = {
-    signal.SIGSEGV: "segmentation fault: a crash in native code",
-    signal.SIGBUS: "bus error: a crash in native code",
-    signal.SIGILL: "illegal instruction: a native kernel built for another CPU?",
-    signal.SIGFPE: "floating-point exception in native code",
-    signal.SIGABRT: "aborted: a native assertion or fatal error",
-    signal.SIGKILL: "killed: out of memory (the kernel's OOM killer) or killed from outside",
-    signal.SIGTERM: "terminated from outside",
+_SIGNAL_MEANING = {  # by name: not every platform has every signal
+    "SIGSEGV": "segmentation fault: a crash in native code",
+    "SIGBUS": "bus error: a crash in native code",
+    "SIGILL": "illegal instruction: a native kernel built for another CPU?",
+    "SIGFPE": "floating-point exception in native code",
+    "SIGABRT": "aborted: a native assertion or fatal error",
+    "SIGKILL": "killed: out of memory, or killed from outside",
+    "SIGTERM": "terminated from outside",
 }
 
 
@@ -56,7 +56,7 @@ def death_cause(exitcode: int | None) -> str:
             sig = signal.Signals(-exitcode)
         except ValueError:
             return f"the worker process died of signal {-exitcode}"
-        meaning = _SIGNAL_MEANING.get(sig)
+        meaning = _SIGNAL_MEANING.get(sig.name)
         return f"the worker process died of {sig.name}" + (f" ({meaning})" if meaning else "")
     return (
         f"the worker process exited with status {exitcode} (os._exit or sys.exit in the target or a "

@@ -219,9 +219,13 @@ def test_value_problem_leaves_what_the_exact_answer_allows_to_the_bound():
 
 
 def test_form_problem_checks_dtype_and_device_but_not_for_the_suites_own_statistics():
+    from properties.precision import Arithmetic
+    from properties.spec import LayerSpec
+
+    spec = LayerSpec("linear", torch.bfloat16, torch.zeros(3, 2, dtype=torch.bfloat16), ())
     exact = torch.zeros(2, 3, dtype=torch.float64)
     mean = torch.zeros(2, 3, dtype=torch.float64)  # a float64 mean the suite computed
-    kw = {"dtype": torch.bfloat16, "device": "cpu", "quantity": "q"}
+    kw = {"spec": spec, "arith": Arithmetic.for_dtype(torch.bfloat16), "quantity": "q"}
     assert form_problem(mean, _expected(exact), statistical=True, **kw) is None
     assert (
         form_problem(mean, _expected(exact), **kw)
@@ -229,6 +233,7 @@ def test_form_problem_checks_dtype_and_device_but_not_for_the_suites_own_statist
     )
     assert form_problem((mean,), _expected(exact), **kw) == "q: the target returned tuple, expected a tensor"
     assert form_problem(mean.bfloat16(), _expected(exact), **kw) is None
+    assert form_problem(mean.bfloat16().to("meta"), _expected(exact), **kw).startswith("q: wrong device meta")
 
 
 # Bad installs ------------------------------------------------------------------------------------
