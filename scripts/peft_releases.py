@@ -62,6 +62,27 @@ def _verdict(rc: int, out: str) -> str:
     return f"exit {rc}"
 
 
+# Runs inside a release's env: each repro script in turn in one interpreter (importing PEFT and
+# transformers once instead of once per script), each as __main__, its exit status and output captured.
+_DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+out = {}
+for path in sys.argv[1:]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            runpy.run_path(path, run_name="__main__")
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            rc = 2
+    out[path] = [rc, buf.getvalue()]
+print("@@REPRO@@" + json.dumps(out))
+"""
+
+
 def repro(versions: list[str], json_path: str | None) -> int:
     """Run each PEFT repro script in each release's env; print the matrix (and save it as JSON)."""
     scripts = sorted(REPRO.glob("peft_*.py"))
@@ -71,18 +92,15 @@ def repro(versions: list[str], json_path: str | None) -> int:
         if not python.exists():
             print(f"peft {v}: no env (python scripts/peft_envs.py create {v})", file=sys.stderr)
             continue
+        cmd = ["nice", "-n", "10", str(python), "-W", "ignore", "-c", _DRIVER, *map(str, scripts)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=_venv.REPO)
+        marker = next((ln for ln in p.stdout.splitlines() if ln.startswith("@@REPRO@@")), None)
+        if marker is None:
+            print(f"peft {v}: the driver failed (exit {p.returncode}): {p.stderr[-500:]}", file=sys.stderr)
+            continue
+        results = json.loads(marker[len("@@REPRO@@") :])
         for s in scripts:
-            try:
-                p = subprocess.run(
-                    ["nice", "-n", "10", str(python), "-W", "ignore", str(s)],
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                    cwd=_venv.REPO,
-                )
-                rc, out = p.returncode, (p.stdout + p.stderr)
-            except subprocess.TimeoutExpired:
-                rc, out = 124, "timed out after 300 s"
+            rc, out = results[str(s)]
             last = out.strip().splitlines()[-1] if out.strip() else ""
             rows[s.stem][v] = {"verdict": _verdict(rc, out), "exit": str(rc), "last_line": last[:200]}
             print(f"{v:8} {s.stem:40} {rows[s.stem][v]['verdict']:5} {last[:120]}", flush=True)
