@@ -169,3 +169,18 @@ def test_a_release_past_the_range_fails_on_the_bug(bundled, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [c["status"] for c in report["cells"]] == ["failed"]
     assert report["header"]["xfails_by_range"] == []  # its own file: verified, nothing by range
+
+
+def test_every_bundled_line_applies_to_its_own_release_and_equal_patterns_share_a_range():
+    """A line whose range leaves out its own file's release would never be verified anywhere, and two
+    copies of one bug (same pattern) with different ranges would make the answer depend on the file."""
+    ranges: dict[tuple, set[str]] = {}
+    for target in ("peft", "loralib", "torchtune", "litgpt", "diffusers", "lycoris"):
+        for version, path in xfails.bundled_files(target):
+            for rule in xfails.load_xfails(path):
+                if rule.release is not None:
+                    assert rule.release.applies_to(target, version), f"{path.name}: {rule}"
+                    ranges.setdefault((target, rule.pattern), set()).add(str(rule.release))
+            assert bundled_rules(target, version).by_range == [] or target == "peft"
+    assert ranges, "the PEFT files carry release ranges"
+    assert {k: v for k, v in ranges.items() if len(v) > 1} == {}
