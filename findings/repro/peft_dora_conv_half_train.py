@@ -42,8 +42,9 @@ for dtype in (torch.bfloat16, torch.float16):
             not_applicable(e)
         try:
             model = get_peft_model(Holder(conv(2, 2, 1, dtype=dtype)), cfg)
-        except ValueError as e:
-            print(f"  {conv.__name__} {dtype}: n/a ({str(e).splitlines()[0][:60]})")
+        except (ValueError, NotImplementedError) as e:  # no LoRA (ValueError) or no DoRA (0.15) for it
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:60]
+            print(f"  {conv.__name__} {dtype}: n/a ({reason})")
             continue
         model.train()
         try:
