@@ -1,7 +1,8 @@
 """PEFT merges a LoRA bias (``lora_bias=True``) that the unmerged forward does not add the same way.
 
-With ``LoraConfig(lora_bias=True)`` the LoRA branch is ``scaling * B(A(x)) + b_B`` ... the merged layer must
-give the unmerged layer's output. Checked for one adapter with a LoRA bias, and for two adapters of which
+With ``LoraConfig(lora_bias=True)`` the unmerged forward adds ``scaling * (B A x + b_B)``: the
+LoRA bias is scaled with the rest of the branch. PEFT 0.14 and 0.15 merge ``b_B`` unscaled, so the merged
+layer's output differs from the unmerged one by ``(1 - scaling) * b_B``. Checked for one adapter with a LoRA bias, and for two adapters of which
 only the second has one. Exit status 1 when merged and unmerged outputs differ.
 """
 
@@ -34,10 +35,8 @@ except TypeError as e:
     sys.exit(0)
 
 failed = []
-for label, biases in (
-    ("one adapter, LoRA bias", [True]),
-    ("two adapters, the second with a bias", [False, True]),
-):
+CASES = (("one adapter, LoRA bias", [True]), ("two adapters, the second with a bias", [False, True]))
+for label, biases in CASES:
     torch.manual_seed(0)
     model = get_peft_model(Holder(nn.Linear(1, 1, dtype=torch.float64)), config(lora_bias=biases[0]))
     for i, b in enumerate(biases[1:], 1):
