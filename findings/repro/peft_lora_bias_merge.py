@@ -1,9 +1,9 @@
-"""PEFT merges a LoRA bias (``lora_bias=True``) that the unmerged forward does not add the same way.
+"""PEFT merges a LoRA bias (``lora_bias=True``) unscaled, while the unmerged forward scales it.
 
-With ``LoraConfig(lora_bias=True)`` the unmerged forward adds ``scaling * (B A x + b_B)``: the
-LoRA bias is scaled with the rest of the branch. PEFT 0.14 and 0.15 merge ``b_B`` unscaled, so the merged
-layer's output differs from the unmerged one by ``(1 - scaling) * b_B``. Checked for one adapter with a LoRA bias, and for two adapters of which
-only the second has one. Exit status 1 when merged and unmerged outputs differ.
+With ``LoraConfig(lora_bias=True)`` the unmerged forward adds ``scaling * (B A x + b_B)``: the LoRA bias is
+scaled with the rest of the branch. PEFT 0.14 and 0.15 merge ``b_B`` unscaled, so the merged layer's output
+differs from the unmerged one by ``(1 - scaling) * b_B``. Checked for one adapter with a LoRA bias, and for
+two adapters of which only the second has one. Exit status 1 when merged and unmerged outputs differ.
 """
 
 import sys
