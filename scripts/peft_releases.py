@@ -5,7 +5,8 @@ Usage::
     python scripts/peft_envs.py create 0.7.1 0.8.2 ...          # once per release (see RELEASES)
     python scripts/peft_releases.py repro [VERSION...] [--json FILE]
     python scripts/peft_releases.py gate [VERSION...] --out DIR [--jobs 1] [--nice 10]
-    python scripts/peft_releases.py table DIR [--markdown FILE]
+    python scripts/peft_releases.py table DIR
+    python scripts/peft_releases.py repro-table FILE.json
 
 ``repro`` runs every ``findings/repro/peft_*.py`` inside ``envs/peft-<version>`` and prints one row per
 script: ``FAIL`` (exit 1, the bug is there), ``OK`` (exit 0 and an OK line) or ``N/A`` (exit 0 and the
@@ -173,6 +174,17 @@ def table(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def repro_table(json_path: Path) -> str:
+    """The markdown matrix (script x release) of a ``repro --json`` file."""
+    data = json.loads(json_path.read_text())
+    versions = [v for v in RELEASES if any(v in by for by in data.values())]
+    lines = ["| script | " + " | ".join(versions) + " |", "|---|" + "---|" * len(versions)]
+    for name in sorted(data):
+        cells = [data[name].get(v, {}).get("verdict", "-") for v in versions]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,11 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `run` arguments")
     p = sub.add_parser("table", help="the markdown table of a gate run's DIR")
     p.add_argument("out", type=Path)
+    p = sub.add_parser("repro-table", help="the markdown matrix of a repro --json file")
+    p.add_argument("json_path", type=Path)
     args = parser.parse_args(argv)
     if args.cmd == "repro":
         return repro(args.versions, args.json)
     if args.cmd == "gate":
         return gate(args.versions, args.out, args.jobs, args.nice, args.extra)
+    if args.cmd == "repro-table":
+        print(repro_table(args.json_path), end="")
+        return 0
     print(table(args.out), end="")
     return 0
 
