@@ -84,9 +84,10 @@ print("@@REPRO@@" + json.dumps(out))
 """
 
 
-def repro(versions: list[str], json_path: str | None) -> int:
-    """Run each PEFT repro script in each release's env; print the matrix (and save it as JSON)."""
-    scripts = sorted(REPRO.glob("peft_*.py"))
+def repro(versions: list[str], json_path: str | None, only: str = "*") -> int:
+    """Run each PEFT repro script (``only``: a glob on its name) in each release's env; print the matrix
+    (and merge it into a JSON file)."""
+    scripts = sorted(REPRO.glob(f"peft_{only}.py"))
     rows: dict[str, dict[str, dict[str, str]]] = {s.stem: {} for s in scripts}
     for v in versions:
         python = _venv.python_of(peft_envs.env_dir(v))
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("repro", help="run the PEFT repro scripts in each release's env")
     p.add_argument("versions", nargs="*", default=RELEASES)
     p.add_argument("--json", help="merge the verdicts into this JSON file")
+    p.add_argument("--only", default="*", help="scripts peft_ONLY.py (a glob), e.g. dora_merge")
     p = sub.add_parser("gate", help="run the ci gate in each release's env, one after another")
     p.add_argument("versions", nargs="*", default=RELEASES)
     p.add_argument("--out", required=True, type=Path)
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("json_path", type=Path)
     args = parser.parse_args(argv)
     if args.cmd == "repro":
-        return repro(args.versions, args.json)
+        return repro(args.versions, args.json, args.only)
     if args.cmd == "gate":
         return gate(args.versions, args.out, args.jobs, args.nice, args.extra)
     if args.cmd == "repro-table":

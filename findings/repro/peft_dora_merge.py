@@ -1,11 +1,11 @@
-"""DoRA merge bugs of PEFT 0.9-0.14 (dora-half-merge-fp32, dora-fan-in-fan-out-merge,
-dora-embedding-merge) and the weight-norm cache a refused DoRA safe merge leaves (dora-safe-merge-cache).
+"""DoRA merge bugs (dora-half-merge-fp32, dora-embedding-merge) and the weight-norm cache a refused DoRA
+safe merge leaves (dora-safe-merge-cache). dora-fan-in-fan-out-merge has no repro here: a plain GPT-2
+``Conv1D`` DoRA merge does not show it (it needs what the suite's shrunk example had; see findings/peft.md).
 
 1. half_merge_dtype: merging a DoRA adapter into a bfloat16 Linear must leave the weight in bfloat16.
-2. fan_in_fan_out_merge: a DoRA merge into a GPT-2 ``Conv1D`` (``fan_in_fan_out=True``) must keep the
-   weight's shape and give the unmerged output.
-3. embedding_merge: a DoRA merge into an Embedding must give the unmerged output (the magnitude applied).
-4. safe_merge_cache: a DoRA ``merge(safe_merge=True)`` refused for a NaN must leave the layer's state as it
+2. embedding_merge: a DoRA merge into an Embedding must give the unmerged output (the magnitude applied),
+   with a magnitude other than the initial ||W + dW||.
+3. safe_merge_cache: a DoRA ``merge(safe_merge=True)`` refused for a NaN must leave the layer's state as it
    was (no ``_caches`` entry left behind).
 
 A check the release cannot build (no DoRA, no DoRA for that layer) prints n/a. Exit status 1 when any
@@ -52,28 +52,13 @@ def half_merge_dtype() -> str:
     return "ok" if dtype == torch.bfloat16 else f"FAIL: merged weight is {dtype}, base was torch.bfloat16"
 
 
-def fan_in_fan_out_merge() -> str:
-    from transformers.pytorch_utils import Conv1D
-
-    base = Conv1D(3, 4).double()  # nf=3 outputs, nx=4 inputs: weight (4, 3)
-    model = dora(base, fan_in_fan_out=True)
-    layer = model.get_base_model().layer
-    x = torch.randn(2, 4, dtype=torch.float64)
-    with torch.no_grad():
-        unmerged = layer(x)
-        merge(layer)
-        shape = tuple(layer.get_base_layer().weight.shape)
-        if shape != (4, 3):
-            return f"FAIL: merged weight shape {shape}, expected (4, 3)"
-        err = (layer(x) - unmerged).abs().max().item()
-    return "ok" if err < 1e-10 else f"FAIL: merged vs unmerged output differ by {err:.3g}"
-
-
 def embedding_merge() -> str:
     model = dora(nn.Embedding(5, 3).double())
     layer = model.get_base_model().layer
     x = torch.tensor([0, 2, 4])
     with torch.no_grad():
+        # The initial magnitude is ||W + dW||, where leaving it out changes nothing: move it off.
+        layer.lora_magnitude_vector["default"].weight.mul_(1.5)
         unmerged = layer(x)
         merge(layer)
         err = (layer(x) - unmerged).abs().max().item()
@@ -105,7 +90,7 @@ except TypeError as e:
     sys.exit(0)
 
 failed = []
-for check in (half_merge_dtype, fan_in_fan_out_merge, embedding_merge, safe_merge_cache):
+for check in (half_merge_dtype, embedding_merge, safe_merge_cache):
     try:
         verdict = check()
     except (ValueError, NotImplementedError, TypeError) as e:  # cannot build this layer with DoRA
