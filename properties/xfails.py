@@ -53,9 +53,9 @@ class XfailRule:
 
     def __str__(self) -> str:
         when = f" when {self.condition}" if self.condition else ""
-        where = f"{self.source} line {self.line}" if self.source else f"line {self.line}"
         rng = f"{self.release} " if self.release else ""
-        return f"{where}: {rng}{self.property} {self.layer} {self.dtype}{when}"
+        source = f" (from {self.source})" if self.source else ""
+        return f"line {self.line}: {rng}{self.property} {self.layer} {self.dtype}{when}{source}"
 
 
 def parse_xfails(text: str, source: str = "") -> list[XfailRule]:
@@ -76,7 +76,8 @@ def parse_xfails(text: str, source: str = "") -> list[XfailRule]:
         fields = cell.split()
         if len(fields) != 3 or (when and not condition.strip()):
             raise ValueError(
-                f"xfails line {i}: expected '[RANGE] property layer dtype [when EXPR]  # reason', got {raw!r}"
+                f"xfails line {i}: expected 'property layer dtype [when EXPR]  # reason' (after an optional "
+                f"release range like [peft>=0.14,<0.19]), got {raw!r}"
             )
         if when:
             try:

@@ -144,7 +144,7 @@ def table(out: Path) -> str:
     """The markdown table of every ``DIR/<version>`` a ``gate`` run left."""
     lines = [
         "| release | exit | passed | failed | xfailed | skipped | error | lines applied (by range) "
-        "| unmatched `when` lines | failed/error cells | wall time |",
+        "| unmatched `when` lines | failed/error cells by property | wall time |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dirs = sorted(
@@ -161,11 +161,11 @@ def table(out: Path) -> str:
         c, h = report["counts"], report["header"]
         applied = h.get("xfails_applied", [])
         by_range = h.get("xfails_by_range", [])
-        bad = [
-            f"{x['property']} {x['layer']} {x['dtype']}"
-            for x in report["cells"]
-            if x["status"] in ("failed", "error")
-        ]
+        per_property: dict[str, int] = {}
+        for x in report["cells"]:
+            if x["status"] in ("failed", "error"):
+                per_property[x["property"]] = per_property.get(x["property"], 0) + 1
+        bad = [f"{p} ({n})" for p, n in sorted(per_property.items())]
         unmatched = [u for u in h.get("unmatched_xfails", []) if " when " in u]
         lines.append(
             f"| {d.name} | {wall['exit']} | {c['passed']} | {c['failed']} | {c['xfailed']} | {c['skipped']} "

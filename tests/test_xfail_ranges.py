@@ -66,7 +66,7 @@ def test_lines_without_a_range_read_as_before():
     assert str(rules[0]) == "line 1: merge_subset * * when adapters > 1"
     ranged = parse_xfails("[peft>=0.9,<0.14] merge_subset * * when adapters > 1  # partial\n", "x.txt")[0]
     assert ranged.condition == "adapters > 1" and ranged.reason == "partial"
-    assert str(ranged) == "x.txt line 1: [peft>=0.9,<0.14] merge_subset * * when adapters > 1"
+    assert str(ranged) == "line 1: [peft>=0.9,<0.14] merge_subset * * when adapters > 1 (from x.txt)"
 
 
 def test_a_user_file_applies_only_the_lines_whose_range_holds_the_release():
@@ -115,8 +115,9 @@ def test_bundled_lines_are_picked_by_range_and_the_own_file_wins(bundled):
     between = bundled_rules("scaled-delta", "1.5.0")  # no file of its own
     assert between.exact is None
     assert [str(r) for r in between.rules] == [
-        "scaled-delta-1.0.0.txt line 2: [scaled-delta>=1.0,<2.0] merge_equivalence linear float32",
-        "scaled-delta-2.0.0.txt line 1: [scaled-delta>=0.5] scaling_law embedding *",  # 2.0.0 is nearer
+        "line 2: [scaled-delta>=1.0,<2.0] merge_equivalence linear float32 (from scaled-delta-1.0.0.txt)",
+        # the 2.0.0 file is nearer than the 1.0.0 file's copy of the same pattern (a tie: newer first)
+        "line 1: [scaled-delta>=0.5] scaling_law embedding * (from scaled-delta-2.0.0.txt)",
     ]
     assert between.by_range == between.rules
     assert "0 verified on this release, 2 by range" in between.describe()
@@ -154,7 +155,7 @@ def test_a_release_without_its_own_file_gates_with_the_ranged_lines(bundled, tmp
     report = json.loads((out / "report.json").read_text())
     assert [c["status"] for c in report["cells"]] == ["xfailed"]
     header = report["header"]
-    line = "scaled-delta-1.0.0.txt line 2: [scaled-delta>=1.0,<2.0] merge_equivalence linear float32"
+    line = "line 2: [scaled-delta>=1.0,<2.0] merge_equivalence linear float32 (from scaled-delta-1.0.0.txt)"
     assert line in header["xfails_by_range"] and line in header["xfails_applied"]
     assert header["xfail_files"] == ["scaled-delta-1.0.0.txt", "scaled-delta-2.0.0.txt"]
     md = (out / "report.md").read_text()
