@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from properties.runner import RunOptions
     from properties.session import plan_cells, start_run
     from properties.targets.registry import TargetLoadError
-    from properties.xfails import bundled_xfails, load_xfails
+    from properties.xfails import bundled_rules, for_release, load_xfails, record_xfails
 
     profile = PROFILES[args.profile]
     if args.cell_timeout:
@@ -161,12 +161,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _usage(f"target {target_name!r} is not usable: {type(e).__name__}: {e}")
     header = run.report.header
     if args.xfails == "auto":
-        bundled = bundled_xfails(header.target, header.target_version)
-        if bundled:
-            run.xfails = load_xfails(bundled)
+        bundled = bundled_rules(header.target, header.target_version)
+        run.xfails = bundled.rules
+        if bundled.rules:
             print(
-                f"using the expected failures bundled for {header.target} {header.target_version}: {bundled}"
+                f"using the expected failures bundled for {header.target} {header.target_version}: "
+                f"{bundled.describe()}"
             )
+        if bundled.by_range:
+            shown = "; ".join(map(str, bundled.by_range[:3])) + ("; ..." if len(bundled.by_range) > 3 else "")
+            print(
+                f"{len(bundled.by_range)} of them applied by release range, not verified on "
+                f"{header.target_version} itself (all listed in the report): {shown}"
+            )
+    else:
+        run.xfails = for_release(xfails, header.target, header.target_version)
+    record_xfails(header, run.xfails, header.target, header.target_version)
     print(
         f"lora-conformance {header.suite_version}: target {header.target} {header.target_version}, "
         f"torch {header.torch_version}, {args.device}, profile {profile.name}, seed {seed}, "

@@ -16,10 +16,10 @@ MARK = {"passed": "ok", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "
 class Progress:
     """``[done/total] failures so far`` on one updating line on a terminal, sparse lines elsewhere."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr):
+    def __init__(self, total: int, stream: TextIO | None = None):
         self.total = total
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.stream = stream or sys.stderr  # looked up now: a default bound at import outlives a redirect
+        self.tty = self.stream.isatty()
         self.counts: Counter[str] = Counter()
         self.started = time.perf_counter()
         self.done = 0

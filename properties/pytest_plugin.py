@@ -102,25 +102,29 @@ def lora_run(pytestconfig: pytest.Config):
     """The target and options, loaded once per process."""
     from properties.session import start_run
     from properties.targets.registry import TargetLoadError
+    from properties.xfails import record_xfails
 
     opts = _options(pytestconfig)
     try:
-        return start_run(opts.target, opts, _xfail_rules(pytestconfig, opts.target))
+        run = start_run(opts.target, opts, _xfail_rules(pytestconfig, opts.target))
     except TargetLoadError as e:
         pytest.exit(f"lora-conformance: {e}", returncode=2)
+    header = run.report.header
+    record_xfails(header, run.xfails, header.target, header.target_version)
+    return run
 
 
 def _xfail_rules(config: pytest.Config, target_name: str):
     from properties.targets.registry import load_target
-    from properties.xfails import bundled_xfails, load_xfails
+    from properties.xfails import bundled_rules, for_release, load_xfails
 
     given = config.getoption("lora_xfails")
     if given == "none":
         return []
-    if given != "auto":
-        return load_xfails(given)
     target = load_target(target_name)
-    return load_xfails(bundled_xfails(target.name, target.version()))
+    if given != "auto":  # a user's file may carry release ranges too
+        return for_release(load_xfails(given), target.name, target.version())
+    return bundled_rules(target.name, target.version()).rules
 
 
 @pytest.fixture(scope="session")

@@ -107,6 +107,11 @@ class RunHeader:
     argv: list[str] = field(default_factory=list)
     hypothesis_version: str = ""
     unmatched_xfails: list[str] = field(default_factory=list)
+    # The xfails lines this run applied (those whose release range holds the target's version), the files
+    # they came from, and those applied by range: taken from another release's file, not verified on this one.
+    xfails_applied: list[str] = field(default_factory=list)
+    xfail_files: list[str] = field(default_factory=list)
+    xfails_by_range: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -95,13 +95,13 @@ def make_header(target: Target, opts: RunOptions, shard: str | None, argv: list[
     )
 
 
-def apply_xfail(result: CellResult, rules: list[XfailRule], used: set[int]) -> CellResult:
+def apply_xfail(result: CellResult, rules: list[XfailRule], used: set[str]) -> CellResult:
     """A failing cell listed in the xfails file becomes ``xfailed``; a listed cell that passes says so."""
-    used.update(r.line for r in rules if str(r) in result.known_bug_examples)
+    used.update(r.key for r in rules if str(r) in result.known_bug_examples)
     rule = match(rules, result.property, result.layer, result.dtype)
     if rule is None:
         return result
-    used.add(rule.line)
+    used.add(rule.key)
     if result.status in ("failed", "error"):
         result.message = f"expected failure ({rule.reason}): {result.message}"
         result.status = "xfailed"
@@ -130,7 +130,7 @@ class Run:
         ``jobs`` worker processes run the cells (:mod:`properties.workers`): a target that crashes its
         process or hangs in native code costs a worker and becomes an ``error`` cell, and the run goes
         on. ``jobs=0`` runs them in this process, for debugging a target: a crash then ends the run."""
-        used: set[int] = set()
+        used: set[str] = set()
         catalogue = all_properties()
         opts = self.opts
 
@@ -152,7 +152,7 @@ class Run:
             self.report.header.interrupted = True
         finally:
             self.report.header.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            self.report.header.unmatched_xfails = [str(r) for r in self.xfails if r.line not in used]
+            self.report.header.unmatched_xfails = [str(r) for r in self.xfails if r.key not in used]
         return self.report
 
 

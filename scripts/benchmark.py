@@ -25,7 +25,7 @@ from properties.profiles import PROFILES
 from properties.runner import RunOptions, run_cell
 from properties.session import apply_xfail, plan_cells, with_xfails
 from properties.targets.registry import load_target
-from properties.xfails import bundled_xfails, load_xfails
+from properties.xfails import bundled_rules
 
 
 class _Clock:
@@ -148,8 +148,7 @@ def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[
     opts = RunOptions(target=target_name, profile=PROFILES[profile], seed=0, max_examples=max_examples)
     # The bundled expected failures, as the CLI gate applies them: known-bug examples are set aside
     # and listed cells are not shrunk, so the numbers are those of the gate a library would run.
-    bundled = bundled_xfails(target.name, target.version())
-    rules = load_xfails(bundled) if bundled else []
+    rules = bundled_rules(target.name, target.version()).rules
     opts = with_xfails(opts, rules)
     catalogue = all_properties()
     per_prop: dict[str, dict[str, float]] = defaultdict(

@@ -37,9 +37,9 @@ def env_dir(lib: str) -> Path:
     return _venv.ENVS / lib
 
 
-def create(lib: str) -> float:
-    """Create (or refresh) ``envs/<lib>``; returns the seconds it took."""
-    return _venv.create(env_dir(lib), LIBRARIES[lib])
+def create(lib: str, overlay: bool = False) -> float:
+    """Create (or refresh) ``envs/<lib>``; returns the seconds it took (``overlay``: see _venv)."""
+    return _venv.create(env_dir(lib), LIBRARIES[lib], overlay)
 
 
 def run(lib: str, command: list[str]) -> int:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _venv.parse_args(argv, __doc__, "lib", helps, choices=list(LIBRARIES))
     if args.cmd == "create":
         for lib in list(LIBRARIES) if "all" in args.libs else args.libs:
-            create(lib)
+            create(lib, args.overlay)
         return 0
     if args.cmd == "run":
         return run(args.lib, args.command)

@@ -3,6 +3,7 @@
 Usage::
 
     python scripts/peft_envs.py create 0.7.1 0.13.2 0.21.2
+    python scripts/peft_envs.py create --overlay 0.15.2   # reuse this interpreter's torch: faster
     python scripts/peft_envs.py run 0.7.1 -- python -m pytest tests/test_peft_target.py
     python scripts/peft_envs.py list
 
@@ -52,9 +53,9 @@ def env_dir(version: str) -> Path:
     return _venv.ENVS / f"peft-{version}"
 
 
-def create(version: str) -> float:
-    """Create (or refresh) ``envs/peft-<version>``; returns the seconds it took."""
-    return _venv.create(env_dir(version), [f"peft=={version}", *companions(version)])
+def create(version: str, overlay: bool = False) -> float:
+    """Create (or refresh) ``envs/peft-<version>``; returns the seconds it took (``overlay``: see _venv)."""
+    return _venv.create(env_dir(version), [f"peft=={version}", *companions(version)], overlay)
 
 
 def run(version: str, command: list[str]) -> int:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _venv.parse_args(argv, __doc__, "version", helps)
     if args.cmd == "create":
         for v in args.versions:
-            create(v)
+            create(v, args.overlay)
         return 0
     if args.cmd == "run":
         return run(args.version, args.command)

@@ -4,7 +4,8 @@
 forward casts ``x`` to the adapter dtype. With ``lora_dropout > 0`` in train mode,
 ``_DoraConvNdLayer.forward`` recomputes the base output as ``conv_fn(x, base_layer.weight)``: a float32 input
 against a bf16/fp16 weight, which raises ``RuntimeError: expected scalar type Float but found BFloat16``.
-(The eval path and DoRA Linear are fine.) Exit status 1 when the bug is present.
+The eval forward is checked too: in 0.13.2 it raised as well (dora.py), in 0.21.2 it is fine; DoRA Linear
+is fine. Exit status 1 when a forward raises; the last line names the layer, dtype and mode.
 """
 
 import sys
@@ -42,20 +43,22 @@ for dtype in (torch.bfloat16, torch.float16):
             not_applicable(e)
         try:
             model = get_peft_model(Holder(conv(2, 2, 1, dtype=dtype)), cfg)
-        except ValueError as e:
-            print(f"  {conv.__name__} {dtype}: n/a ({str(e).splitlines()[0][:60]})")
+        except (ValueError, NotImplementedError) as e:  # no LoRA (ValueError) or no DoRA (0.15) for it
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:60]
+            print(f"  {conv.__name__} {dtype}: n/a ({reason})")
             continue
-        model.train()
-        try:
-            y = model(torch.randn(x_shape).to(dtype))
-            status = f"ok, output {y.dtype}"
-        except RuntimeError as e:
-            status = f"RuntimeError: {str(e).splitlines()[0]}"
-            failures.append(f"{conv.__name__} {dtype}")
-        print(f"  {conv.__name__} {dtype} train forward: {status}")
+        for mode in ("train", "eval"):  # eval too: up to 0.13/0.14 the eval forward raised as well
+            model.train(mode == "train")
+            try:
+                y = model(torch.randn(x_shape).to(dtype))
+                status = f"ok, output {y.dtype}"
+            except RuntimeError as e:
+                status = f"RuntimeError: {str(e).splitlines()[0]}"
+                failures.append(f"{conv.__name__} {dtype} {mode}")
+            print(f"  {conv.__name__} {dtype} {mode} forward: {status}")
 ok = not failures
 print(
-    f"peft {peft.__version__}: {'OK' if ok else 'FAIL'}: DoRA conv train forward in half precision"
+    f"peft {peft.__version__}: {'OK' if ok else 'FAIL'}: DoRA conv forward in half precision"
     + ("" if ok else f" crashes for {', '.join(failures)}")
 )
 sys.exit(0 if ok else 1)

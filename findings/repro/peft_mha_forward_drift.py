@@ -42,10 +42,14 @@ for dtype in (torch.float32, torch.bfloat16):
     layer = model.get_base_model().layer
     w0 = layer.get_base_layer().in_proj_weight.detach().clone()
     x = torch.randn(2, 3, 8, dtype=dtype)
-    with torch.no_grad():
-        y1, y2 = model(x), model(x)
-        for _ in range(50):
-            model(x)
+    try:
+        with torch.no_grad():
+            y1, y2 = model(x), model(x)
+            for _ in range(50):
+                model(x)
+    except RuntimeError as e:  # another bug (0.15-0.16 bf16: dtype mismatch); the drift cannot be seen
+        print(f"  {dtype}: n/a, the forward raised RuntimeError: {str(e).splitlines()[0][:80]}")
+        continue
     moved = (layer.get_base_layer().in_proj_weight.detach() != w0).sum().item()
     print(
         f"  {dtype}: two forwards identical: {torch.equal(y1, y2)}; "

@@ -36,6 +36,7 @@ def render_markdown(report: RunReport) -> str:
     out += _failures(report)
     out += _not_run(report)
     out += _known_bugs(report)
+    out += _by_range(report)
     out += _details("Error statistics per cell", table_md(stats_table(report)), _STATS_NOTE)
     tol = tolerance_table(report)
     if tol.rows:
@@ -108,6 +109,24 @@ def _known_bugs(report: RunReport) -> list[str]:
     )
     note = "Known bugs (xfails `when` lines): these examples were not run; the rest of each cell was."
     return _details(f"Known bugs set aside ({len(per_line)} lines)", table_md(table), note)
+
+
+def _by_range(report: RunReport) -> list[str]:
+    """The xfails lines applied because their release range holds this release, not verified on it."""
+    h = report.header
+    if not h.xfails_by_range:
+        return []
+    note = (
+        f"{len(h.xfails_by_range)} of the {len(h.xfails_applied)} xfails lines applied to "
+        f"{h.target} {h.target_version} come from another release's file, applied because their release "
+        "range contains this one; they were not verified on this exact release. Files: "
+        + ", ".join(f"`{f}`" for f in h.xfail_files)
+        + "."
+    )
+    body = "\n".join(f"- `{_inline(x)}`" for x in h.xfails_by_range)
+    return ["", f"> ℹ️ {note}"] + _details(
+        f"xfails lines applied by release range ({len(h.xfails_by_range)})", body, ""
+    )
 
 
 def _details(summary: str, body: str, note: str) -> list[str]:

@@ -1,0 +1,221 @@
+"""Check every PEFT minor release: the repro scripts of the findings, and the ``ci`` gate, one env each.
+
+Usage::
+
+    python scripts/peft_envs.py create 0.7.1 0.8.2 ...          # once per release (see RELEASES)
+    python scripts/peft_releases.py repro [VERSION...] [--json FILE]
+    python scripts/peft_releases.py gate [VERSION...] --out DIR [--jobs 1] [--nice 10]
+    python scripts/peft_releases.py table DIR
+    python scripts/peft_releases.py repro-table FILE.json
+
+``repro`` runs every ``findings/repro/peft_*.py`` inside ``envs/peft-<version>`` and prints one row per
+script: ``FAIL`` (exit 1, the bug is there), ``OK`` (exit 0 and an OK line) or ``N/A`` (exit 0 and the
+release cannot build that layer or option). These are the observations that fix the ends of each known
+bug's release range (``[peft>=A,<B]`` in ``properties/targets/xfails/``): A is the first release that
+fails, B the first that passes again.
+
+``gate`` runs ``lora-conformance run --target peft --profile ci`` (bundled expected failures, applied by
+release range) in each env, one release after another, writing ``DIR/<version>/report.json`` and the wall
+time in ``DIR/<version>/wall.json``. ``table`` turns those into the table of ``docs/peft-releases.md``.
+The env's ``lora-conformance`` is this checkout, installed editable by ``peft_envs.py create``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _venv
+import peft_envs
+
+# One patch release per minor, 0.7 to 0.21: the newest patch of each minor.
+RELEASES = [
+    "0.7.1",
+    "0.8.2",
+    "0.9.0",
+    "0.10.0",
+    "0.11.1",
+    "0.12.0",
+    "0.13.2",
+    "0.14.0",
+    "0.15.2",
+    "0.16.0",
+    "0.17.1",
+    "0.18.1",
+    "0.19.1",
+    "0.20.0",
+    "0.21.2",
+]
+
+REPRO = _venv.REPO / "findings" / "repro"
+
+
+def _verdict(rc: int, out: str) -> str:
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    if rc == 1:
+        return "FAIL"
+    if rc == 0:
+        return "N/A" if ": N/A" in last else "OK"
+    return f"exit {rc}"
+
+
+# Runs inside a release's env: each repro script in turn in one interpreter (importing PEFT and
+# transformers once instead of once per script), each as __main__, its exit status and output captured.
+_DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+out = {}
+for path in sys.argv[1:]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            runpy.run_path(path, run_name="__main__")
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            rc = 2
+    out[path] = [rc, buf.getvalue()]
+print("@@REPRO@@" + json.dumps(out))
+"""
+
+
+def repro(versions: list[str], json_path: str | None, only: str = "*") -> int:
+    """Run each PEFT repro script (``only``: a glob on its name) in each release's env; print the matrix
+    (and merge it into a JSON file)."""
+    scripts = sorted(REPRO.glob(f"peft_{only}.py"))
+    rows: dict[str, dict[str, dict[str, str]]] = {s.stem: {} for s in scripts}
+    for v in versions:
+        python = _venv.python_of(peft_envs.env_dir(v))
+        if not python.exists():
+            print(f"peft {v}: no env (python scripts/peft_envs.py create {v})", file=sys.stderr)
+            continue
+        cmd = ["nice", "-n", "10", str(python), "-W", "ignore", "-c", _DRIVER, *map(str, scripts)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=_venv.REPO)
+        marker = next((ln for ln in p.stdout.splitlines() if ln.startswith("@@REPRO@@")), None)
+        if marker is None:
+            print(f"peft {v}: the driver failed (exit {p.returncode}): {p.stderr[-500:]}", file=sys.stderr)
+            continue
+        results = json.loads(marker[len("@@REPRO@@") :])
+        for s in scripts:
+            rc, out = results[str(s)]
+            last = out.strip().splitlines()[-1] if out.strip() else ""
+            rows[s.stem][v] = {"verdict": _verdict(rc, out), "exit": str(rc), "last_line": last[:200]}
+            print(f"{v:8} {s.stem:40} {rows[s.stem][v]['verdict']:5} {last[:120]}", flush=True)
+    header = "| script | " + " | ".join(versions) + " |"
+    print("\n" + header + "\n|---|" + "---|" * len(versions))
+    for name, by in rows.items():
+        print(f"| {name} | " + " | ".join(by.get(v, {}).get("verdict", "-") for v in versions) + " |")
+    if json_path:
+        old = json.loads(Path(json_path).read_text()) if Path(json_path).exists() else {}
+        for name, by in rows.items():
+            old.setdefault(name, {}).update(by)
+        Path(json_path).write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+def gate(versions: list[str], out: Path, jobs: int, niceness: int, extra: list[str]) -> int:
+    """The ci gate against each release, one after another; returns 1 if any gate failed."""
+    worst = 0
+    for v in versions:
+        d = out / v
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = ["nice", "-n", str(niceness), "lora-conformance", "run", "--target", "peft", "--profile", "ci"]
+        cmd += ["--jobs", str(jobs), "--report", str(d.resolve()), *extra]
+        start = time.monotonic()
+        with open(d / "console.txt", "w") as log:
+            rc = subprocess.run(
+                [sys.executable, str(Path(__file__).with_name("peft_envs.py")), "run", v, "--", *cmd],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ).returncode
+        wall = time.monotonic() - start
+        (d / "wall.json").write_text(json.dumps({"version": v, "exit": rc, "wall_s": round(wall, 1)}) + "\n")
+        print(f"peft {v}: exit {rc}, {wall:.0f} s", flush=True)
+        worst = max(worst, rc)
+    return 1 if worst else 0
+
+
+def table(out: Path) -> str:
+    """The markdown table of every ``DIR/<version>`` a ``gate`` run left."""
+    lines = [
+        "| release | exit | passed | failed | xfailed | skipped | error | lines applied (by range) "
+        "| unmatched `when` lines | failed/error cells by property | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    dirs = sorted(
+        (d for d in out.iterdir() if (d / "wall.json").exists()),
+        key=lambda d: [int(p) for p in d.name.split(".")],
+    )
+    for d in dirs:
+        wall = json.loads((d / "wall.json").read_text())
+        rpath = d / "report.json"
+        if not rpath.exists():
+            lines.append(f"| {d.name} | {wall['exit']} | no report | | | | | | | | {wall['wall_s']:.0f} s |")
+            continue
+        report = json.loads(rpath.read_text())
+        c, h = report["counts"], report["header"]
+        applied = h.get("xfails_applied", [])
+        by_range = h.get("xfails_by_range", [])
+        per_property: dict[str, int] = {}
+        for x in report["cells"]:
+            if x["status"] in ("failed", "error"):
+                per_property[x["property"]] = per_property.get(x["property"], 0) + 1
+        bad = [f"{p} ({n})" for p, n in sorted(per_property.items())]
+        unmatched = [u for u in h.get("unmatched_xfails", []) if " when " in u]
+        lines.append(
+            f"| {d.name} | {wall['exit']} | {c['passed']} | {c['failed']} | {c['xfailed']} | {c['skipped']} "
+            f"| {c['error']} | {len(applied)} ({len(by_range)}) | {len(unmatched)} "
+            f"| {'; '.join(bad) if bad else 'none'} | {wall['wall_s']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def repro_table(json_path: Path) -> str:
+    """The markdown matrix (script x release) of a ``repro --json`` file."""
+    data = json.loads(json_path.read_text())
+    versions = [v for v in RELEASES if any(v in by for by in data.values())]
+    lines = ["| script | " + " | ".join(versions) + " |", "|---|" + "---|" * len(versions)]
+    for name in sorted(data):
+        cells = [data[name].get(v, {}).get("verdict", "-") for v in versions]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("repro", help="run the PEFT repro scripts in each release's env")
+    p.add_argument("versions", nargs="*", default=RELEASES)
+    p.add_argument("--json", help="merge the verdicts into this JSON file")
+    p.add_argument("--only", default="*", help="scripts peft_ONLY.py (a glob), e.g. dora_merge")
+    p = sub.add_parser("gate", help="run the ci gate in each release's env, one after another")
+    p.add_argument("versions", nargs="*", default=RELEASES)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--nice", type=int, default=10)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `run` arguments")
+    p = sub.add_parser("table", help="the markdown table of a gate run's DIR")
+    p.add_argument("out", type=Path)
+    p = sub.add_parser("repro-table", help="the markdown matrix of a repro --json file")
+    p.add_argument("json_path", type=Path)
+    args = parser.parse_args(argv)
+    if args.cmd == "repro":
+        return repro(args.versions, args.json, args.only)
+    if args.cmd == "gate":
+        return gate(args.versions, args.out, args.jobs, args.nice, args.extra)
+    if args.cmd == "repro-table":
+        print(repro_table(args.json_path), end="")
+        return 0
+    print(table(args.out), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
