@@ -26,6 +26,12 @@ class PropertyFailure(AssertionError):
     """A LoRA claim does not hold for this example."""
 
 
+class OutOfRange(Exception):
+    """The example lies outside the claim: a value a correct implementation stores may exceed the
+    dtype's range (decided from the exact values, see ``precision.range_violation``). The runner sets
+    the example aside and counts it under this reason."""
+
+
 @dataclass
 class Context:
     """Everything a property needs for one example."""
@@ -67,6 +73,8 @@ class Context:
 
         ``statistical``: the bound is a confidence radius, not rounding, so the error in units of
         ``u M`` means nothing and is left out (NaN) of the rounding statistics."""
+        if expected.out_of_range:
+            raise OutOfRange(expected.out_of_range)
         r = rank if rank is not None else sum(a.r for a in self.spec.adapters)
         if tuple(actual.shape) != tuple(expected.exact.shape):
             raise PropertyFailure(
@@ -180,6 +188,7 @@ def all_properties() -> dict[str, Property]:
 
 __all__ = [
     "Context",
+    "OutOfRange",
     "Property",
     "PropertyFailure",
     "Unsupported",

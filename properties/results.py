@@ -55,6 +55,8 @@ class CellResult:
     samples: list[Sample] = field(default_factory=list)  # capped; for plots
     # xfails 'when' line -> examples of this cell set aside as that known bug
     known_bug_examples: dict[str, int] = field(default_factory=dict)
+    # reason -> examples set aside because a stored intermediate may exceed the dtype's range
+    out_of_range_examples: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis import target as hyp_target
 from hypothesis.errors import Flaky, Unsatisfiable
 
-from properties.catalogue import Context, Property, PropertyFailure
+from properties.catalogue import Context, OutOfRange, Property, PropertyFailure
 from properties.hypothesis_pins import fixed_constants, shrink_budget, without_database_key
 from properties.isolation import cuda_flag_values, isolated, pinned_backend
 from properties.known_bugs import compile_condition, features
@@ -130,6 +130,7 @@ class _CellState:
     samples: list[Sample] = field(default_factory=list)
     unsupported: Counter = field(default_factory=Counter)
     known: Counter = field(default_factory=Counter)  # xfails 'when' line -> examples set aside
+    out_of_range: Counter = field(default_factory=Counter)  # reason -> examples outside the claim
     examples: int = 0
     last_failure: tuple[str, str, str] | None = None  # (kind, message, example)
     worst: tuple[float, str] = (-1.0, "")
@@ -241,6 +242,11 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         except Unsupported as e:
             state.unsupported[str(e)] += 1
             reject()
+        except OutOfRange as e:  # outside the claim: its comparisons are dropped, the example counted
+            state.examples -= 1
+            state.out_of_range[str(e)] += 1
+            ctx.samples.clear()
+            reject()
         except PropertyFailure as e:
             state.last_failure = ("failed", str(e), description)
             raise
@@ -284,6 +290,9 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         if state.known and not state.examples:
             result.status = "xfailed"
             result.message = "every example drawn matched a known bug: " + _known_summary(state.known, opts)
+        elif state.out_of_range and not state.examples:
+            result.status = "skipped"
+            result.message = "every example drawn lies outside the claim: " + "; ".join(state.out_of_range)
         else:
             result.status = "skipped"
             result.message = "; ".join(state.unsupported) or "no valid example could be generated"
@@ -301,6 +310,13 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         result.message = f"{sum(state.unsupported.values())} examples unsupported: " + "; ".join(
             state.unsupported
         )
+    if state.out_of_range:
+        result.out_of_range_examples = dict(state.out_of_range)
+        if result.status == "passed":
+            aside = f"{sum(state.out_of_range.values())} examples outside the claim: " + "; ".join(
+                f"{k} ({n})" for k, n in state.out_of_range.items()
+            )
+            result.message = aside + (f"; {result.message}" if result.message else "")
     if state.known:
         result.known_bug_examples = dict(state.known)
         if result.status == "passed":

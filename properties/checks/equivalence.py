@@ -8,7 +8,7 @@ import torch
 from hypothesis import strategies as st
 
 from properties.catalogue import Context, PropertyFailure, prop
-from properties.precision import Expected, delta_expected, forward_expected, mixed_expected, weights_expected
+from properties.precision import delta_expected, forward_expected, mixed_expected, weights_expected
 from properties.spec import BASE_ROW
 from properties.strategies import Draw
 
@@ -64,7 +64,7 @@ def merge_equivalence(ctx: Context) -> None:
     unmerged = h.forward(ctx.x)
     h.merge()
     merged = h.forward(ctx.x)
-    both = Expected(unmerged.detach().to("cpu", torch.float64), 2 * expected.bound, expected.magnitude)
+    both = expected.versus(unmerged.detach().to("cpu", torch.float64), 2 * expected.bound)
     ctx.check(merged, both, "merged vs unmerged output")
     ctx.check(merged, expected, "merged output")
     ctx.check_weights(
@@ -128,5 +128,5 @@ def mixed_batch(ctx: Context) -> None:
             continue
         solo = ctx.build(single).forward(ctx.x[i : i + 1])
         exp = forward_expected(single, ctx.x[i : i + 1], ctx.arith)
-        both = Expected(solo.detach().to("cpu", torch.float64), 2 * exp.bound, exp.magnitude)
+        both = exp.versus(solo.detach().to("cpu", torch.float64), 2 * exp.bound)
         ctx.check(y[i : i + 1], both, f"row {i} ({name}) vs single-adapter forward")
