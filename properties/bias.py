@@ -52,8 +52,9 @@ import torch.nn.functional as F
 from properties import oracle
 from properties.spec import LayerSpec
 
-FALSE_ALARM = 1e-6
-"""Per test (one comparison of one example, or one quantity of one cell)."""
+FALSE_ALARM = 2.5e-7
+"""Per test. An example takes part in at most two tests of its own (a property compares at most two
+quantities) and in the same number of cell tests, so its false-alarm rate is at most 1e-6."""
 Z_THRESHOLD = math.sqrt(2 * math.log(2 / FALSE_ALARM))
 F64 = torch.float64
 
@@ -116,6 +117,30 @@ def tally(
     return out
 
 
+def combine(tallies: Sequence[BiasTally | None]) -> BiasTally | None:
+    """One example's comparisons of the same quantity (several tensors, adapters) as one test."""
+    found = [t for t in tallies if t is not None]
+    if not found:
+        return None
+    out = BiasTally(found[0].quantity)
+    for t in found:
+        out.add(t)
+    out.examples = 1
+    return out
+
+
+def weight_tally(
+    quantity: str,
+    actual: dict[str, torch.Tensor],
+    candidates: dict[str, dict[str, torch.Tensor]],
+    directions: dict[str, torch.Tensor],
+) -> BiasTally | None:
+    """Weights (element blocks), every key the candidates cover."""
+    return combine(
+        [tally(quantity, actual[k], candidates[k], directions[k]) for k in candidates if k in actual]
+    )
+
+
 # ----------------------------------------------------------------------------- emulated rounding
 
 
@@ -144,7 +169,7 @@ def _units(spec: LayerSpec, name: str) -> dict[str, tuple[torch.Tensor, float]]:
             "out_proj.weight": oracle._t(a.out_B, False) @ oracle._t(a.out_A, False),
         }
     else:
-        units = {"weight": oracle.lora_delta(spec, a, scale=1 / a.scaling)}
+        units = {"weight": oracle.lora_product(spec, a)}
     if a.bias is not None:
         units["bias"] = oracle._t(a.bias, False)
     return {k: (v, a.scaling) for k, v in units.items()}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from hypothesis import strategies as st
 
+from properties.bias import Z_THRESHOLD, BiasTally
 from properties.precision import Arithmetic, Expected, inner_dim, measure
 from properties.results import Sample
 from properties.spec import LAYER_KINDS, Example, LayerKind, LayerSpec
@@ -43,6 +44,7 @@ class Context:
     hostile: Hostile | None = None
     clean_spec: LayerSpec | None = None  # hostile properties: the spec before the entry was planted
     samples: list[Sample] = field(default_factory=list)
+    bias: list[BiasTally] = field(default_factory=list)
 
     @property
     def spec(self):
@@ -93,6 +95,20 @@ class Context:
                 f"error = {sample.err_u:.3g} u*M)"
             )
         return sample
+
+    def check_bias(self, tally: BiasTally | None) -> None:
+        """Record one comparison's bias test (``properties.bias``); fail when its errors lean one way
+        along the LoRA delta against every correct rounding sequence (false-alarm rate <= 1e-6)."""
+        if tally is None:
+            return
+        self.bias.append(tally)
+        name, z, eps = tally.verdict()
+        if abs(z) > Z_THRESHOLD:
+            raise PropertyFailure(
+                f"{tally.quantity}: systematic error along the LoRA delta, below the element-wise bound: "
+                f"relative scaling error ~ {eps:.3g}, z = {z:.3g} beyond {Z_THRESHOLD:.3g} against every "
+                f"correct rounding sequence (closest: {name}); false-alarm rate <= 1e-6"
+            )
 
     def check_weights(self, actual: dict[str, torch.Tensor], expected: dict[str, Expected], what: str, **kw):
         missing = set(expected) - set(actual)

@@ -83,17 +83,22 @@ def _apply(spec: LayerSpec, w: torch.Tensor, x: torch.Tensor, magnitude: bool) -
 
 def lora_delta(spec: LayerSpec, a: AdapterSpec, *, magnitude: bool = False, scale: float = 1.0):
     """``scaling * B A`` in the base weight's canonical shape (groups respected for conv)."""
-    A, B = _t(a.A, magnitude), _t(a.B, magnitude)
     s = abs(a.scaling * scale) if magnitude else a.scaling * scale
+    return s * lora_product(spec, a, magnitude=magnitude)
+
+
+def lora_product(spec: LayerSpec, a: AdapterSpec, *, magnitude: bool = False) -> torch.Tensor:
+    """``B A`` unscaled, in the base weight's canonical shape (groups respected for conv)."""
+    A, B = _t(a.A, magnitude), _t(a.B, magnitude)
     if spec.kind in ("linear", "mha"):
-        return s * (B @ A)
+        return B @ A
     if spec.kind == "embedding":
-        return s * (B @ A).T
+        return (B @ A).T
     g = spec.conv.groups
     out, rg = B.shape[0], B.shape[1]
     Bg = B.reshape(g, out // g, rg)
     Ag = A.reshape(g, rg, -1)
-    return s * torch.bmm(Bg, Ag).reshape(spec.weight.shape)
+    return torch.bmm(Bg, Ag).reshape(spec.weight.shape)
 
 
 def _dora_factor(spec: LayerSpec, a: AdapterSpec, w: torch.Tensor, scale: float) -> torch.Tensor:
@@ -311,8 +316,7 @@ def intermediates(
             if spec.kind == "mha":
                 ba, ba_m = _t(B, False) @ _t(A, False), _t(B, True) @ _t(A, True)
             else:
-                ba = lora_delta(spec, a, scale=1 / a.scaling)
-                ba_m = lora_delta(spec, a, magnitude=True, scale=1 / abs(a.scaling))
+                ba, ba_m = lora_product(spec, a), lora_product(spec, a, magnitude=True)
             out += [("B A", ba, ba_m), ("s B A", s * ba, abs(s) * ba_m)]
             w = _t(spec.base_tensors()[key], False)
             if a.use_dora:
@@ -343,8 +347,7 @@ def intermediates(
         a = spec.adapter(name)
         scale = scales.get(name, 1.0)
         s = a.scaling * scale
-        ba = lora_delta(spec, a, scale=1 / a.scaling)
-        ba_m = lora_delta(spec, a, magnitude=True, scale=1 / abs(a.scaling))
+        ba, ba_m = lora_product(spec, a), lora_product(spec, a, magnitude=True)
         a_w = _t(a.A, False).T if spec.kind == "embedding" else _t(a.A, False)
         out.append(
             ("A x", input_gain * _apply(spec, a_w, xx, False), input_gain * _apply(spec, a_w.abs(), xa, True))

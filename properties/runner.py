@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from hypothesis import target as hyp_target
 from hypothesis.errors import Flaky, Unsatisfiable
 
+from properties.bias import Z_THRESHOLD, BiasTally
 from properties.catalogue import Context, OutOfRange, Property, PropertyFailure
 from properties.hypothesis_pins import fixed_constants, shrink_budget, without_database_key
 from properties.isolation import cuda_flag_values, isolated, pinned_backend
@@ -131,6 +132,8 @@ class _CellState:
     unsupported: Counter = field(default_factory=Counter)
     known: Counter = field(default_factory=Counter)  # xfails 'when' line -> examples set aside
     out_of_range: Counter = field(default_factory=Counter)  # reason -> examples outside the claim
+    bias: dict[str, BiasTally] = field(default_factory=dict)  # quantity -> sums over the cell's examples
+    bias_seen: set[str] = field(default_factory=set)  # examples already counted (replays add nothing)
     examples: int = 0
     last_failure: tuple[str, str, str] | None = None  # (kind, message, example)
     worst: tuple[float, str] = (-1.0, "")
@@ -246,6 +249,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             state.examples -= 1
             state.out_of_range[str(e)] += 1
             ctx.samples.clear()
+            ctx.bias.clear()
             reject()
         except PropertyFailure as e:
             state.last_failure = ("failed", str(e), description)
@@ -255,6 +259,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             raise TargetCrash(state.last_failure[1]) from e
         finally:
             state.samples.extend(ctx.samples)
+            _add_bias(state, ctx, description)
         worst = max((s.ratio for s in ctx.samples), default=0.0)
         if worst > state.worst[0]:
             state.worst = (worst, description)
@@ -310,6 +315,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         result.message = f"{sum(state.unsupported.values())} examples unsupported: " + "; ".join(
             state.unsupported
         )
+    _bias_verdict(result, state, opts, cell)
     if state.out_of_range:
         result.out_of_range_examples = dict(state.out_of_range)
         if result.status == "passed":
@@ -326,6 +332,39 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             )
     _keep_samples(result, state, opts.profile.samples_kept)
     return result
+
+
+def _add_bias(state: _CellState, ctx: Context, key: str) -> None:
+    """Add an example's bias sums to the cell's, once per distinct example (a replayed example is not
+    independent of itself)."""
+    if not ctx.bias or key in state.bias_seen:
+        return
+    state.bias_seen.add(key)
+    for t in ctx.bias:
+        state.bias.setdefault(t.quantity, BiasTally(t.quantity)).add(t)
+
+
+def _bias_verdict(result: CellResult, state: _CellState, opts: RunOptions, cell: Cell) -> None:
+    """The bias test over the cell's examples together (``properties.bias``): it fails a cell that
+    passed example by example when the examples' small leans add up past the threshold."""
+    if not state.bias:
+        return
+    result.bias = {q: t.summary() for q, t in state.bias.items()}
+    worst = max(state.bias.values(), key=lambda t: abs(t.verdict()[1]))
+    name, z, eps = worst.verdict()
+    result.max_bias_z = abs(z)
+    if result.status == "passed" and abs(z) > Z_THRESHOLD:
+        result.status = "failed"
+        result.message = (
+            f"{worst.quantity}: systematic error along the LoRA delta over the cell's {worst.examples} "
+            f"examples, below the element-wise bound: relative scaling error ~ {eps:.3g}, z = {z:.3g} "
+            f"beyond {Z_THRESHOLD:.3g} against every correct rounding sequence (closest: {name}); "
+            "false-alarm rate <= 1e-6"
+        )
+        result.example = (
+            f"the cell's {worst.examples} examples together; the worst single one:\n{state.worst[1]}"
+        )
+        result.replay = replay_command(opts, cell)
 
 
 def _known_summary(known: Counter, opts: RunOptions) -> str:
