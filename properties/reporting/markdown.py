@@ -36,6 +36,7 @@ def render_markdown(report: RunReport) -> str:
     out += _failures(report)
     out += _not_run(report)
     out += _known_bugs(report)
+    out += _out_of_range(report)
     out += _details("Error statistics per cell", table_md(stats_table(report)), _STATS_NOTE)
     tol = tolerance_table(report)
     if tol.rows:
@@ -108,6 +109,28 @@ def _known_bugs(report: RunReport) -> list[str]:
     )
     note = "Known bugs (xfails `when` lines): these examples were not run; the rest of each cell was."
     return _details(f"Known bugs set aside ({len(per_line)} lines)", table_md(table), note)
+
+
+def _out_of_range(report: RunReport) -> list[str]:
+    """Examples outside the claim (a stored value may exceed the dtype's range), by reason."""
+    per: dict[str, list[int]] = {}
+    for c in report.cells:
+        for reason, n in c.out_of_range_examples.items():
+            per.setdefault(reason, [0, 0])
+            per[reason][0] += 1
+            per[reason][1] += n
+    if not per:
+        return []
+    table = Table(
+        ["reason", "cells", "examples set aside"],
+        [[Cell(k), Cell(str(v[0])), Cell(str(v[1]))] for k, v in sorted(per.items())],
+        numeric={1, 2},
+    )
+    note = (
+        "A value a correct implementation stores may exceed the dtype's largest finite value, so inf or "
+        "NaN would be correct there; decided from the exact values, never from the target's output."
+    )
+    return _details(f"Examples outside the claim ({sum(v[1] for v in per.values())})", table_md(table), note)
 
 
 def _details(summary: str, body: str, note: str) -> list[str]:
