@@ -23,9 +23,13 @@ Hoeffding's inequality for ``sum_b sign_b |X_b|`` gives
 
     P( |sum_b X_b| >= z sqrt(sum_b X_b^2) ) <= 2 exp(-z^2 / 2).
 
-With ``z* = sqrt(2 ln(2 / FALSE_ALARM))`` (5.39 for 1e-6) a test fires with probability at most
-``FALSE_ALARM``. The verdict fires only when the test fires against *every* candidate, so if the target
-rounds like one of them its false-alarm probability is at most that one test's: no Bonferroni factor.
+With ``z* = sqrt(2 ln(2 / FALSE_ALARM))`` (5.64 for 2.5e-7) a test fires with probability at most
+``FALSE_ALARM``. The verdict fires only when the test fires against every candidate that explains the
+target (differs from it in at most ``x + 4 sqrt(x) + SLACK`` blocks, ``x`` the fewest of any candidate), so if
+the target rounds like one of those its false-alarm probability is at most that one test's: no
+Bonferroni factor over candidates. (A correct target differs from its own sequence only where
+accumulation order breaks a tie the other way; a candidate with many more differences is another
+sequence, whose noise would only hide a bias.)
 A comparison (one example) is one test; a cell adds its examples' sums (independent examples) into a
 second test per quantity, with the same rate, which is how examples too small to reach ``z*`` alone
 still add up.
@@ -53,9 +57,13 @@ from properties import oracle
 from properties.spec import LayerSpec
 
 FALSE_ALARM = 2.5e-7
-"""Per test. An example takes part in at most two tests of its own (a property compares at most two
-quantities) and in the same number of cell tests, so its false-alarm rate is at most 1e-6."""
+"""Per test. An example takes part in at most four tests (``reference_delta``: one per adapter, up
+to three, and the cell's; ``merge_equivalence``: two and two cell tests), so its false-alarm rate is
+at most 1e-6."""
 Z_THRESHOLD = math.sqrt(2 * math.log(2 / FALSE_ALARM))
+SLACK = 16
+"""Blocks a candidate may differ in beyond the best one's (plus four standard deviations of that
+count) and still count as an explanation: ties that accumulation noise breaks the other way."""
 F64 = torch.float64
 
 
@@ -71,25 +79,34 @@ class BiasTally:
     quantity: str
     s: dict[str, float] = field(default_factory=dict)
     q: dict[str, float] = field(default_factory=dict)
+    n: dict[str, int] = field(default_factory=dict)  # blocks that differ from the candidate
     blocks: int = 0
-    examples: int = 0
+    comparisons: int = 0  # examples x tensors compared (one per adapter for deltas)
 
     def add(self, other: BiasTally) -> None:
         for k in other.s:
             self.s[k] = self.s.get(k, 0.0) + other.s[k]
             self.q[k] = self.q.get(k, 0.0) + other.q[k]
+            self.n[k] = self.n.get(k, 0) + other.n[k]
         self.blocks += other.blocks
-        self.examples += other.examples
+        self.comparisons += other.comparisons
 
     def verdict(self) -> tuple[str, float, float]:
-        """The candidate the target is closest to, its z (signed) and the mean estimate of ``eps``.
-        The test fires when ``|z| > Z_THRESHOLD``: then every candidate is that far."""
-        name = min(self.s, key=lambda k: abs(z_score(self.s[k], self.q[k])))
-        return name, z_score(self.s[name], self.q[name]), self.s[name] / max(self.examples, 1)
+        """The candidate the target follows, its z (signed) and the mean estimate of ``eps``.
+
+        The candidates that explain the target are kept: those differing from it in at most
+        ``x + 4 sqrt(x) + SLACK`` blocks, ``x`` the fewest of any (four standard deviations of a count).
+        A candidate that disagrees in many more blocks than another is not the sequence the target
+        uses, and its noise would only hide a bias. The test fires when ``|z| > Z_THRESHOLD``
+        against every kept candidate."""
+        fewest = min(self.n.values())
+        kept = [k for k in self.s if self.n[k] <= fewest + 4 * math.sqrt(fewest) + SLACK]
+        name = min(kept, key=lambda k: abs(z_score(self.s[k], self.q[k])))
+        return name, z_score(self.s[name], self.q[name]), self.s[name] / max(self.comparisons, 1)
 
     def summary(self) -> dict[str, float | int | str]:
         name, z, eps = self.verdict()
-        return {"z": z, "eps": eps, "candidate": name, "blocks": self.blocks, "examples": self.examples}
+        return {"z": z, "eps": eps, "candidate": name, "blocks": self.blocks, "comparisons": self.comparisons}
 
 
 def tally(
@@ -106,13 +123,14 @@ def tally(
     norm = float((direction * direction).sum())
     if norm == 0.0 or not torch.isfinite(a).all() or a.shape != direction.shape:
         return None
-    out = BiasTally(quantity, examples=1)
+    out = BiasTally(quantity, comparisons=1)
     for name, c in candidates.items():
         x = (a - c) * direction / norm
         if block_dim is not None and x.dim() > 0:
             x = x.sum(block_dim)
         out.s[name] = float(x.sum())
         out.q[name] = float((x * x).sum())
+        out.n[name] = int((x != 0).sum())
         out.blocks = x.numel()
     return out
 
@@ -125,7 +143,7 @@ def combine(tallies: Sequence[BiasTally | None]) -> BiasTally | None:
     out = BiasTally(found[0].quantity)
     for t in found:
         out.add(t)
-    out.examples = 1
+    out.comparisons = 1
     return out
 
 

@@ -356,14 +356,13 @@ def _bias_verdict(result: CellResult, state: _CellState, opts: RunOptions, cell:
     if result.status == "passed" and abs(z) > Z_THRESHOLD:
         result.status = "failed"
         result.message = (
-            f"{worst.quantity}: systematic error along the LoRA delta over the cell's {worst.examples} "
-            f"examples, below the element-wise bound: relative scaling error ~ {eps:.3g}, z = {z:.3g} "
-            f"beyond {Z_THRESHOLD:.3g} against every correct rounding sequence (closest: {name}); "
-            "false-alarm rate <= 1e-6"
+            f"{worst.quantity}: systematic error along the LoRA delta over the cell's "
+            f"{worst.comparisons} comparisons, below the element-wise bound: relative scaling error "
+            f"~ {eps:.3g}, z = {z:.3g} beyond {Z_THRESHOLD:.3g} against every correct rounding sequence "
+            f"(closest: {name}); false-alarm rate <= 1e-6"
         )
-        result.example = (
-            f"the cell's {worst.examples} examples together; the worst single one:\n{state.worst[1]}"
-        )
+        together = f"the cell's {worst.comparisons} comparisons together; the example with the worst ratio:"
+        result.example = f"{together}\n{state.worst[1]}"
         result.replay = replay_command(opts, cell)
 
 

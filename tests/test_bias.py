@@ -67,7 +67,7 @@ def test_a_delta_below_half_an_ulp_is_not_a_bias() -> None:
     calibrated = bias.weight_tally("merged weights", actual, bias.merged_candidates(spec, ["default"]), moved)
     naive = bias.weight_tally("merged weights", actual, {"weight": {"exact": exact["weight"]}}, moved)
     assert calibrated.verdict()[1] == 0.0
-    assert naive.verdict()[1] < -bias.Z_THRESHOLD * 10
+    assert naive.verdict()[1] < -bias.Z_THRESHOLD  # every element leans against the delta
 
 
 def _cell(target, prop: str, dtype: str, layer: str = "linear", seed: int = 0, n: int | None = None):
