@@ -8,13 +8,24 @@ looking at the target's output and never by a wider tolerance.
 
 from __future__ import annotations
 
+import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from properties import oracle
 from properties.catalogue import all_properties
-from properties.precision import Arithmetic, forward_expected, range_violation, weights_expected
+from properties.precision import (
+    Arithmetic,
+    _crude_peak,
+    forward_expected,
+    range_violation,
+    weights_expected,
+)
 from properties.profiles import PROFILES
 from properties.runner import Cell, RunOptions, run_cell
 from properties.spec import AdapterSpec, LayerSpec
+from properties.strategies import Draw, examples
 from properties.targets.reference import TARGET
 
 F16 = torch.float16
@@ -103,3 +114,22 @@ def test_seed_10_attention_float16_passes_with_the_overflowing_examples_set_asid
     assert any("q k^T" in reason for reason in result.out_of_range_examples)
     assert "outside the claim" in result.message
     assert result.to_json()["out_of_range_examples"] == result.out_of_range_examples
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv1d", "conv2d", "mha"])
+def test_the_quick_screen_bounds_every_stored_value(kind: str, data) -> None:
+    """``range_violation`` skips the close look when a cheap bound is far inside the range; that bound
+    must exceed every value and magnitude ``oracle.intermediates`` lists, under any scale."""
+    caps = TARGET.capabilities()
+    ex = data.draw(examples(Draw(kind=kind, dtype=torch.float32, options=caps.options)))
+    spec, x = ex.spec, ex.x
+    names = spec.active_adapters
+    scales = {n: data.draw(st.sampled_from([0.0, 0.5, -1.0, 9.75])) for n in names}
+    gain = data.draw(st.sampled_from([1.0, 10.0]))
+    peak = _crude_peak(spec, x, names, scales, gain)
+    for what, value, mag in oracle.intermediates(spec, x, names, scales, input_gain=gain):
+        if value.numel():
+            assert float(value.abs().max()) <= peak * (1 + 1e-12), what
+            assert float(mag.max()) <= peak * (1 + 1e-12), what
