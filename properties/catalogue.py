@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from hypothesis import strategies as st
 
+from properties.bias import Z_THRESHOLD, BiasTally
 from properties.diagnostics import form_problem, value_problem
 from properties.precision import Arithmetic, Expected, inner_dim, measure
 from properties.results import Sample
@@ -25,6 +26,12 @@ from properties.targets.protocol import Capabilities, LayerHandle, Target, Unsup
 
 class PropertyFailure(AssertionError):
     """A LoRA claim does not hold for this example."""
+
+
+class OutOfRange(Exception):
+    """The example lies outside the claim: a value a correct implementation stores may exceed the
+    dtype's range (decided from the exact values, see ``precision.range_violation``). The runner sets
+    the example aside and counts it under this reason."""
 
 
 @dataclass
@@ -38,6 +45,7 @@ class Context:
     hostile: Hostile | None = None
     clean_spec: LayerSpec | None = None  # hostile properties: the spec before the entry was planted
     samples: list[Sample] = field(default_factory=list)
+    bias: list[BiasTally] = field(default_factory=list)
 
     @property
     def spec(self):
@@ -68,6 +76,8 @@ class Context:
 
         ``statistical``: the bound is a confidence radius, not rounding, so the error in units of
         ``u M`` means nothing and is left out (NaN) of the rounding statistics."""
+        if expected.out_of_range:
+            raise OutOfRange(expected.out_of_range)
         r = rank if rank is not None else sum(a.r for a in self.spec.adapters)
         wrong = form_problem(
             actual, expected, spec=self.spec, arith=self.arith, quantity=quantity, statistical=statistical
@@ -88,6 +98,20 @@ class Context:
                 f"error = {sample.err_u:.3g} u*M)"
             )
         return sample
+
+    def check_bias(self, tally: BiasTally | None) -> None:
+        """Record one comparison's bias test (``properties.bias``); fail when its errors lean one way
+        along the LoRA delta against every correct rounding sequence (false-alarm rate <= 1e-6)."""
+        if tally is None:
+            return
+        self.bias.append(tally)
+        name, z, eps = tally.verdict()
+        if abs(z) > Z_THRESHOLD:
+            raise PropertyFailure(
+                f"{tally.quantity}: systematic error along the LoRA delta, below the element-wise bound: "
+                f"relative scaling error ~ {eps:.3g}, z = {z:.3g} beyond {Z_THRESHOLD:.3g} against every "
+                f"correct rounding sequence (closest: {name}); false-alarm rate <= 1e-6"
+            )
 
     def check_weights(self, actual: dict[str, torch.Tensor], expected: dict[str, Expected], what: str, **kw):
         missing = set(expected) - set(actual)
@@ -183,6 +207,7 @@ def all_properties() -> dict[str, Property]:
 
 __all__ = [
     "Context",
+    "OutOfRange",
     "Property",
     "PropertyFailure",
     "Unsupported",

@@ -83,17 +83,22 @@ def _apply(spec: LayerSpec, w: torch.Tensor, x: torch.Tensor, magnitude: bool) -
 
 def lora_delta(spec: LayerSpec, a: AdapterSpec, *, magnitude: bool = False, scale: float = 1.0):
     """``scaling * B A`` in the base weight's canonical shape (groups respected for conv)."""
-    A, B = _t(a.A, magnitude), _t(a.B, magnitude)
     s = abs(a.scaling * scale) if magnitude else a.scaling * scale
+    return s * lora_product(spec, a, magnitude=magnitude)
+
+
+def lora_product(spec: LayerSpec, a: AdapterSpec, *, magnitude: bool = False) -> torch.Tensor:
+    """``B A`` unscaled, in the base weight's canonical shape (groups respected for conv)."""
+    A, B = _t(a.A, magnitude), _t(a.B, magnitude)
     if spec.kind in ("linear", "mha"):
-        return s * (B @ A)
+        return B @ A
     if spec.kind == "embedding":
-        return s * (B @ A).T
+        return (B @ A).T
     g = spec.conv.groups
     out, rg = B.shape[0], B.shape[1]
     Bg = B.reshape(g, out // g, rg)
     Ag = A.reshape(g, rg, -1)
-    return s * torch.bmm(Bg, Ag).reshape(spec.weight.shape)
+    return torch.bmm(Bg, Ag).reshape(spec.weight.shape)
 
 
 def _dora_factor(spec: LayerSpec, a: AdapterSpec, w: torch.Tensor, scale: float) -> torch.Tensor:
@@ -264,6 +269,8 @@ def mha_forward_with_error(
     elog = elog / d**0.5
     # softmax: |dp_ij| <= p_ij (|dl_ij| + sum_k p_ik |dl_ik|), plus rounding of exp/sum/div.
     ep = p * (elog + (p * elog).sum(-1, keepdim=True)) + (g(L) + 3 * us) * p
+    # Both p and its computed value lie in [0, 1 + rounding]: past that the first-order term says nothing.
+    ep = ep.clamp(max=1 + g(L) + 3 * us)
     eo = (ep @ v.abs() + p @ ev + (g(L) + us) * (p @ v.abs())).transpose(1, 2).reshape(N, L, E)
     ao = o.abs()
     ey = eo @ m_out.T + (g(E + r_tot) + (3 + 2 * len(names)) * us) * (ao @ m_out.T)
@@ -272,3 +279,143 @@ def mha_forward_with_error(
         ey = ey + us * b_out.abs()
         mag = mag + b_out.abs()
     return y, ey, mag
+
+
+Intermediate = tuple[str, torch.Tensor, torch.Tensor]
+"""``(what, exact value, magnitude)`` of one value an implementation may hold in the storage dtype."""
+
+
+def intermediates(
+    spec: LayerSpec,
+    x: torch.Tensor | None,
+    names: Sequence[str],
+    scales: dict[str, float] | None = None,
+    *,
+    input_gain: float = 1.0,
+) -> list[Intermediate]:
+    """Every value a correct implementation may store in the layer's dtype on the way to the output,
+    exact and with its magnitude, for both the unmerged and the merged path: ``W x + b``, per adapter
+    ``B (A x)`` and ``s B (A x)`` (and DoRA's ``f W x``, ``f s B A x``), the sum of the output's terms
+    in any order (bounded by the sum of their absolute values), ``B A``, ``s B A``, the merged weights
+    ``W + sum s B A`` (DoRA: ``f (W + s B A)``), and for attention the q/k/v projections and the
+    unscaled logits ``q k^T``. ``x = None``: the weights only (a merge). ``input_gain`` multiplies the
+    LoRA input (inverted dropout keeps ``x / (1 - p)``).
+
+    Half-precision products accumulate in float32 (or wider), whose range is that of float64 for our
+    purposes; what can overflow is what is *stored*, and that is what is listed here."""
+    scales = scales or {}
+    out: list[Intermediate] = []
+    mats = ["in_proj_weight", "out_proj.weight"] if spec.kind == "mha" else ["weight"]
+    merged = {k: (_t(v, False).abs(), _t(v, True)) for k, v in spec.base_tensors().items()}
+    for name in names:
+        a = spec.adapter(name)
+        s_adapter = a.scaling * scales.get(name, 1.0)
+        facs = [(a.A, a.B)] + ([(a.out_A, a.out_B)] if spec.kind == "mha" else [])
+        for key, (A, B) in zip(mats, facs, strict=False):
+            s = s_adapter
+            if spec.kind == "mha":
+                ba, ba_m = _t(B, False) @ _t(A, False), _t(B, True) @ _t(A, True)
+            else:
+                ba, ba_m = lora_product(spec, a), lora_product(spec, a, magnitude=True)
+            out += [("B A", ba, ba_m), ("s B A", s * ba, abs(s) * ba_m)]
+            w = _t(spec.base_tensors()[key], False)
+            if a.use_dora:
+                f = _dora_factor(spec, a, w, scales.get(name, 1.0))
+                fv = f if spec.kind == "embedding" else f.reshape(-1, *([1] * (w.dim() - 1)))
+                out += [("W + s B A", w + s * ba, w.abs() + abs(s) * ba_m)]
+                ba, ba_m = fv * (w + s * ba) - w, fv.abs() * (w.abs() + abs(s) * ba_m) + w.abs()
+                s = 1.0
+            merged[key] = (merged[key][0] + (s * ba).abs(), merged[key][1] + abs(s) * ba_m)
+        if a.bias is not None:
+            lb = abs(s_adapter) * _t(a.bias, True)
+            merged["bias"] = (merged["bias"][0] + lb, merged["bias"][1] + lb)
+    out += [(f"merged {k}", v, m) for k, (v, m) in merged.items()]
+    if x is None:
+        return out
+    if spec.kind == "mha":
+        return out + _mha_intermediates(spec, x, names, scales, input_gain)
+    xx = _t(x, False) if x.is_floating_point() else x.to("cpu")
+    xa = _t(x, True) if x.is_floating_point() else xx
+    w = _t(spec.weight, False)
+    base, base_m = _apply(spec, w, xx, False), _apply(spec, w.abs(), xa, True)
+    if spec.base_bias is not None:
+        b = _out_view(spec, _t(spec.base_bias, False), base.dim())
+        base, base_m = base + b, base_m + b.abs()
+    out.append(("W x + b", base, base_m))
+    total, total_m = base.abs(), base_m
+    for name in names:
+        a = spec.adapter(name)
+        scale = scales.get(name, 1.0)
+        s = a.scaling * scale
+        ba, ba_m = lora_product(spec, a), lora_product(spec, a, magnitude=True)
+        a_w = _t(a.A, False).T if spec.kind == "embedding" else _t(a.A, False)
+        out.append(
+            ("A x", input_gain * _apply(spec, a_w, xx, False), input_gain * _apply(spec, a_w.abs(), xa, True))
+        )
+        bax, bax_m = input_gain * _apply(spec, ba, xx, False), input_gain * _apply(spec, ba_m, xa, True)
+        out += [("B (A x)", bax, bax_m), ("s B (A x)", s * bax, abs(s) * bax_m)]
+        term, term_m = s * bax, abs(s) * bax_m
+        if a.bias is not None:
+            lb = _out_view(spec, _t(a.bias, False), base.dim()) * s
+            term, term_m = term + lb, term_m + lb.abs()
+        if a.use_dora:
+            f = _out_view(spec, _dora_factor(spec, a, w, scale), base.dim())
+            wx = base - (
+                _out_view(spec, _t(spec.base_bias, False), base.dim()) if spec.base_bias is not None else 0
+            )
+            out += [("DoRA f W x", f * wx, f.abs() * base_m), ("DoRA f s B A x", f * term, f.abs() * term_m)]
+            term, term_m = (f - 1) * wx + f * term, (f.abs() + 1) * base_m + f.abs() * term_m
+        total, total_m = total + term.abs(), total_m + term_m
+    out.append(("sum of the output's terms", total, total_m))
+    return out
+
+
+def _mha_intermediates(spec, x, names, scales, input_gain) -> list[Intermediate]:
+    """Attention's stored values: the in/out projections (split into their terms) and ``q k^T``
+    before the ``1 / sqrt(d)`` (an implementation may scale before or after the product)."""
+    xx, xa = _t(x, False), _t(x, True)
+    E, H = spec.weight.shape[1], spec.num_heads
+    d = E // H
+    out: list[Intermediate] = []
+
+    def projection(inp, inp_m, w, b, factors, what):
+        base, base_m = inp @ _t(w, False).T, inp_m @ _t(w, True).T
+        if b is not None:
+            base, base_m = base + _t(b, False), base_m + _t(b, True)
+        out.append((f"{what} W x + b", base, base_m))
+        total, total_m = base.abs(), base_m
+        exact = base
+        for s, A, B in factors:
+            hid, hid_m = input_gain * inp @ _t(A, False).T, input_gain * inp_m @ _t(A, True).T
+            bh, bh_m = hid @ _t(B, False).T, hid_m @ _t(B, True).T
+            out.extend([(f"{what} A x", hid, hid_m), (f"{what} B (A x)", bh, bh_m)])
+            out.append((f"{what} s B (A x)", s * bh, abs(s) * bh_m))
+            total, total_m, exact = total + (s * bh).abs(), total_m + abs(s) * bh_m, exact + s * bh
+        out.append((f"{what} sum of terms", total, total_m))
+        return exact, total_m
+
+    ss = [spec.adapter(n).scaling * scales.get(n, 1.0) for n in names]
+    ads = [spec.adapter(n) for n in names]
+    proj, proj_m = projection(
+        xx,
+        xa,
+        spec.weight,
+        spec.base_bias,
+        [(s, a.A, a.B) for s, a in zip(ss, ads, strict=True)],
+        "in-projection",
+    )
+    N, L, _ = xx.shape
+    q, k, v = (t.reshape(N, L, H, d).transpose(1, 2) for t in proj.split(E, dim=-1))
+    mq, mk, _ = (t.reshape(N, L, H, d).transpose(1, 2) for t in proj_m.split(E, dim=-1))
+    out.append(("q k^T", q @ k.transpose(-1, -2), mq @ mk.transpose(-1, -2)))
+    p = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)
+    o = (p @ v).transpose(1, 2).reshape(N, L, E)
+    projection(
+        o,
+        o.abs(),
+        spec.out_weight,
+        spec.out_bias,
+        [(s, a.out_A, a.out_B) for s, a in zip(ss, ads, strict=True)],
+        "out-projection",
+    )
+    return out

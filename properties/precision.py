@@ -112,6 +112,74 @@ class Expected:
     exact: torch.Tensor
     bound: torch.Tensor
     magnitude: torch.Tensor
+    # Why this comparison lies outside the claim (an intermediate beyond the dtype's range), or None.
+    out_of_range: str | None = None
+
+    def versus(self, exact: torch.Tensor, bound: torch.Tensor) -> Expected:
+        """Another comparison derived from this one (same magnitudes, same range verdict)."""
+        return Expected(exact, bound, self.magnitude, self.out_of_range)
+
+
+def range_violation(
+    spec: LayerSpec,
+    x: torch.Tensor | None,
+    arith: Arithmetic,
+    *,
+    adapters: Sequence[str] | None = None,
+    scales: dict[str, float] | None = None,
+    input_gain: float = 1.0,
+    output: Expected | None = None,
+) -> str | None:
+    """Why the claim does not cover this computation, or None: some value a correct implementation
+    stores in the dtype (``oracle.intermediates``, or the output) may exceed the dtype's largest
+    finite value, so a correct implementation may return inf or NaN where the exact answer is finite.
+
+    Decided from the float64 exact values alone, never from a target's output: a value ``v`` with
+    magnitude ``M`` is stored as at most ``|v| + rho M`` (``rho``: the forward's rounding coefficient,
+    an upper bound of every intermediate's relative error); that is compared with ``finfo.max``."""
+    names = spec.active_adapters if adapters is None else list(adapters)
+    limit = torch.finfo(spec.dtype).max
+    nd = _n_dora(spec, names)
+    peak = _crude_peak(spec, x, names, scales or {}, input_gain)
+    if peak < limit / 4 and (output is None or float((output.exact.abs() + output.bound).max()) < limit):
+        return None  # far inside the range (float32, bfloat16, float64 always): no need to look closer
+    rho = arith.gamma((1 + nd) * inner_dim(spec) + _rank_total(spec, names)) + (8 + 2 * len(names)) * arith.u
+    found = oracle.intermediates(spec, x, names, scales, input_gain=input_gain)
+    if output is not None:
+        found.append(("output", output.exact.abs() + output.bound, torch.zeros_like(output.bound)))
+    for what, value, mag in found:
+        if value.numel() and float((value.abs() + rho * mag).max()) > limit:
+            return f"{what} may exceed the {str(spec.dtype).removeprefix('torch.')} range"
+    return None
+
+
+def _crude_peak(spec: LayerSpec, x, names: Sequence[str], scales: dict[str, float], gain: float) -> float:
+    """A cheap upper bound of every value ``oracle.intermediates`` lists (products of the largest
+    entries and the sums' lengths); infinite where it has no such bound (DoRA: ``m / ||W + sBA||``)."""
+    if any(spec.adapter(n).use_dora for n in names):
+        return math.inf
+
+    def big(t) -> float:
+        return float(t.detach().abs().max()) if t is not None and t.numel() else 0.0
+
+    k = inner_dim(spec)
+    mx = 1.0 if x is None or not x.is_floating_point() else big(x)
+    wide = max(big(spec.weight), big(spec.out_weight))  # any weight-like value: W, B A, s B A, W'
+    per_input = 0.0  # A x, B (A x), s B (A x) per unit of input entry and inner dimension
+    bias = max(big(spec.base_bias), big(spec.out_bias))
+    for n in names:
+        a = spec.adapter(n)
+        s = abs(a.scaling * scales.get(n, 1.0))
+        ma, mb = max(big(a.A), big(a.out_A)), max(big(a.B), big(a.out_B))
+        wide += max(s, 1.0) * max(a.r, 1) * ma * mb * max(gain, 1.0)
+        per_input = max(per_input, gain * ma * (1 + max(a.r, 1) * mb * max(s, 1.0)))
+        bias += s * big(a.bias)
+    out = k * mx * wide + bias  # W x + b, the sum of the output's terms (every order)
+    peak = max(wide, k * mx * per_input, out)
+    if spec.kind == "mha":  # q k^T over d = E / H; then the output projection of o (|o| <= |v|)
+        d = k // spec.num_heads
+        peak = max(peak, d * out * out, k * out * wide + bias, k * out * per_input)
+    return peak
 
 
 def forward_expected(
@@ -127,13 +195,17 @@ def forward_expected(
     if spec.kind == "mha":
         y, ey, mag = oracle.mha_forward_with_error(spec, x, names, scales or {}, (arith.gamma, arith.u))
         stages = 8 + 2 * len(names)  # projections, logits, softmax, values, output: one store each
-        return Expected(y, ey + arith.u * y.abs() + stages * arith.eta, mag)
+        exp = Expected(y, ey + arith.u * y.abs() + stages * arith.eta, mag)
+        exp.out_of_range = range_violation(spec, x, arith, adapters=names, scales=scales, output=exp)
+        return exp
     exact = oracle.forward(spec, x, adapters=names, scales=scales)
     mag = oracle.forward(spec, x, adapters=names, scales=scales, magnitude=True)
     k, r, nd = inner_dim(spec), _rank_total(spec, names), _n_dora(spec, names)
     stages = 3 + 2 * len(names) + 2 * nd
     coeff = arith.gamma((1 + nd) * k + r) + stages * arith.u
-    return Expected(exact, coeff * mag + _underflow(spec, names, scales or {}, stages, arith, exact), mag)
+    exp = Expected(exact, coeff * mag + _underflow(spec, names, scales or {}, stages, arith, exact), mag)
+    exp.out_of_range = range_violation(spec, x, arith, adapters=names, scales=scales, output=exp)
+    return exp
 
 
 def _underflow(spec: LayerSpec, names, scales: dict[str, float], stages: int, arith: Arithmetic, y):
@@ -162,7 +234,9 @@ def mixed_expected(spec: LayerSpec, x: torch.Tensor, rows: Sequence[str], arith:
         forward_expected(spec, x[i : i + 1], arith, adapters=[] if n == "__base__" else [n])
         for i, n in enumerate(rows)
     ]
-    return Expected(*(torch.cat([getattr(p, f) for p in parts]) for f in ("exact", "bound", "magnitude")))
+    exp = Expected(*(torch.cat([getattr(p, f) for p in parts]) for f in ("exact", "bound", "magnitude")))
+    exp.out_of_range = next((p.out_of_range for p in parts if p.out_of_range), None)
+    return exp
 
 
 def weights_expected(
@@ -184,21 +258,22 @@ def weights_expected(
         if a.use_dora and floor:
             f = oracle._dora_factor(spec, a, spec.weight.to("cpu", torch.float64), 1.0).abs().max()
             floor = floor * (1 + float(f))
-    return {key: Expected(exact[key], coeff * mag[key] + floor, mag[key]) for key in exact}
+    reason = range_violation(spec, None, arith, adapters=adapters)
+    return {key: Expected(exact[key], coeff * mag[key] + floor, mag[key], reason) for key in exact}
 
 
 def roundtrip_expected(spec: LayerSpec, adapters: Sequence[str], arith: Arithmetic, cycles: int = 1):
     """Base weights after ``cycles`` merge -> unmerge cycles: the originals, within ``2 c`` writes."""
     merged = weights_expected(spec, adapters, arith, writes=2 * cycles)
     base = {k: v.detach().to("cpu", torch.float64) for k, v in spec.base_tensors().items()}
-    return {k: Expected(base[k], e.bound, e.magnitude) for k, e in merged.items()}
+    return {k: e.versus(base[k], e.bound) for k, e in merged.items()}
 
 
 def delta_expected(spec: LayerSpec, name: str, arith: Arithmetic) -> dict[str, Expected]:
     """``delta_weights(name)``: what a single merge adds, rounded once to the base dtype."""
     exact = oracle.delta_weights(spec, name)
     weights = weights_expected(spec, [name], arith)
-    return {k: Expected(exact[k], weights[k].bound, weights[k].magnitude) for k in exact}
+    return {k: weights[k].versus(exact[k], weights[k].bound) for k in exact}
 
 
 def measure(

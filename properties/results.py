@@ -55,6 +55,11 @@ class CellResult:
     samples: list[Sample] = field(default_factory=list)  # capped; for plots
     # xfails 'when' line -> examples of this cell set aside as that known bug
     known_bug_examples: dict[str, int] = field(default_factory=dict)
+    # reason -> examples set aside because a stored intermediate may exceed the dtype's range
+    out_of_range_examples: dict[str, int] = field(default_factory=dict)
+    # quantity -> the bias test over the cell's examples (``properties.bias``): z, eps, candidate, ...
+    bias: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_bias_z: float | None = None  # the largest |z| over quantities; the test fires above bias.Z_THRESHOLD
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -27,7 +27,8 @@ from hypothesis import target as hyp_target
 from hypothesis.errors import Flaky, Unsatisfiable
 
 from properties.activity import ACTIVITY, Snapshot, TracedTarget
-from properties.catalogue import Context, Property, PropertyFailure
+from properties.bias import Z_THRESHOLD, BiasTally
+from properties.catalogue import Context, OutOfRange, Property, PropertyFailure
 from properties.hypothesis_pins import fixed_constants, shrink_budget, without_database_key
 from properties.isolation import cuda_flag_values, isolated, pinned_backend
 from properties.known_bugs import compile_condition, features
@@ -131,6 +132,9 @@ class _CellState:
     samples: list[Sample] = field(default_factory=list)
     unsupported: Counter = field(default_factory=Counter)
     known: Counter = field(default_factory=Counter)  # xfails 'when' line -> examples set aside
+    out_of_range: Counter = field(default_factory=Counter)  # reason -> examples outside the claim
+    bias: dict[str, BiasTally] = field(default_factory=dict)  # quantity -> sums over the cell's examples
+    bias_seen: set[str] = field(default_factory=set)  # examples already counted (replays add nothing)
     examples: int = 0
     last_failure: tuple[str, str, str] | None = None  # (kind, message, example)
     worst: tuple[float, str] = (-1.0, "")
@@ -286,6 +290,12 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         except Unsupported as e:
             state.unsupported[str(e)] += 1
             reject()
+        except OutOfRange as e:  # outside the claim: its comparisons are dropped, the example counted
+            state.examples -= 1
+            state.out_of_range[str(e)] += 1
+            ctx.samples.clear()
+            ctx.bias.clear()
+            reject()
         except PropertyFailure as e:
             state.last_failure = ("failed", str(e), description)
             raise
@@ -296,6 +306,7 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             watchdog.end_example()
             ACTIVITY.end_example()
             state.samples.extend(ctx.samples)
+            _add_bias(state, ctx, description)
         worst = max((s.ratio for s in ctx.samples), default=0.0)
         if worst > state.worst[0]:
             state.worst = (worst, description)
@@ -336,6 +347,9 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         if state.known and not state.examples:
             result.status = "xfailed"
             result.message = "every example drawn matched a known bug: " + _known_summary(state.known, opts)
+        elif state.out_of_range and not state.examples:
+            result.status = "skipped"
+            result.message = "every example drawn lies outside the claim: " + "; ".join(state.out_of_range)
         else:
             result.status = "skipped"
             result.message = "; ".join(state.unsupported) or "no valid example could be generated"
@@ -353,6 +367,14 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         result.message = f"{sum(state.unsupported.values())} examples unsupported: " + "; ".join(
             state.unsupported
         )
+    _bias_verdict(result, state, opts, cell)
+    if state.out_of_range:
+        result.out_of_range_examples = dict(state.out_of_range)
+        if result.status == "passed":
+            aside = f"{sum(state.out_of_range.values())} examples outside the claim: " + "; ".join(
+                f"{k} ({n})" for k, n in state.out_of_range.items()
+            )
+            result.message = aside + (f"; {result.message}" if result.message else "")
     if state.known:
         result.known_bug_examples = dict(state.known)
         if result.status == "passed":
@@ -372,6 +394,38 @@ def hang_message(activity: Snapshot, limit_s: float, frame: str = "", killed: bo
         f"hang: {activity.where()}{at}, ran past the {limit_s:g} s example limit (--example-timeout)"
         f"{how}; the rest of the cell was not run"
     )
+
+
+def _add_bias(state: _CellState, ctx: Context, key: str) -> None:
+    """Add an example's bias sums to the cell's, once per distinct example (a replayed example is not
+    independent of itself)."""
+    if not ctx.bias or key in state.bias_seen:
+        return
+    state.bias_seen.add(key)
+    for t in ctx.bias:
+        state.bias.setdefault(t.quantity, BiasTally(t.quantity)).add(t)
+
+
+def _bias_verdict(result: CellResult, state: _CellState, opts: RunOptions, cell: Cell) -> None:
+    """The bias test over the cell's examples together (``properties.bias``): it fails a cell that
+    passed example by example when the examples' small leans add up past the threshold."""
+    if not state.bias:
+        return
+    result.bias = {q: t.summary() for q, t in state.bias.items()}
+    worst = max(state.bias.values(), key=lambda t: abs(t.verdict()[1]))
+    name, z, eps = worst.verdict()
+    result.max_bias_z = abs(z)
+    if result.status == "passed" and abs(z) > Z_THRESHOLD:
+        result.status = "failed"
+        result.message = (
+            f"{worst.quantity}: systematic error along the LoRA delta over the cell's "
+            f"{worst.comparisons} comparisons, below the element-wise bound: relative scaling error "
+            f"~ {eps:.3g}, z = {z:.3g} beyond {Z_THRESHOLD:.3g} against every correct rounding sequence "
+            f"(closest: {name}); false-alarm rate <= 1e-6"
+        )
+        together = f"the cell's {worst.comparisons} comparisons together; the example with the worst ratio:"
+        result.example = f"{together}\n{state.worst[1]}"
+        result.replay = replay_command(opts, cell)
 
 
 def _known_summary(known: Counter, opts: RunOptions) -> str:

@@ -658,3 +658,21 @@ def _half_delta(h: ReferenceHandle) -> None:
     L = h.layer
     orig = L._weight_delta
     L._weight_delta = lambda name, dtype: orig(name, L.base_weight.dtype).to(dtype)
+
+
+# ----------------------------------------------------------------------------- below the rounding
+
+
+@mutant(
+    "scaling_in_storage_dtype",
+    ["reference_delta", "merge_equivalence"],
+    "linear",
+    "bfloat16",
+    "alpha / r is kept in the storage dtype (off by up to 2^-9 relative in bfloat16): every delta "
+    "element leans the same way by less than an ulp, which only the bias statistic sees",
+)
+def _scaling_in_storage_dtype(h: ReferenceHandle) -> None:
+    L = h.layer
+    dtype = L.base_weight.dtype
+    default = L._default_scaling
+    _recompute_scaling(L, lambda n: float(torch.tensor(default(n), dtype=dtype)))

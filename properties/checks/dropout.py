@@ -9,7 +9,7 @@ import torch
 
 from properties import oracle
 from properties.catalogue import Context, PropertyFailure, assert_identical, prop
-from properties.precision import Expected, forward_expected
+from properties.precision import forward_expected, range_violation
 from properties.strategies import Draw
 
 TRAIN_SAMPLES = 200
@@ -82,6 +82,8 @@ def train_dropout_unbiased(ctx: Context) -> None:
         [h.forward(x, train=True).detach().to("cpu", torch.float64) for _ in range(TRAIN_SAMPLES)]
     )
     exp = forward_expected(spec, x, ctx.arith)
+    # A kept LoRA input is x / (1 - p): its intermediates must fit the dtype too.
+    exp.out_of_range = exp.out_of_range or range_violation(spec, x, ctx.arith, input_gain=1 / (1 - p))
     C = _dropped_path_weight(ctx)
     x64 = x.detach().to("cpu", torch.float64)
     var = oracle._apply(spec, C * C, x64 * x64, False) * (p / (1 - p))
@@ -92,7 +94,7 @@ def train_dropout_unbiased(ctx: Context) -> None:
     mean = ys.mean(0)
     ctx.check(
         mean,
-        Expected(exp.exact, radius, exp.magnitude),
+        exp.versus(exp.exact, radius),
         f"mean of {TRAIN_SAMPLES} train outputs (p={p:g})",
         statistical=True,
     )
@@ -124,6 +126,8 @@ def _single_entry_masks(ctx: Context, h, p: float) -> None:
     if flat[i] == 0:
         return
     probe.reshape(-1)[i] = flat[i]
+    if range_violation(spec, probe, ctx.arith, input_gain=1 / (1 - p)):
+        return  # outside the claim: a kept output may overflow the dtype
     exp = forward_expected(spec, probe, ctx.arith)
     a = spec.adapters[0]
     # Dropped: the LoRA input is zero, so only the LoRA bias (if any) is left of the adapter.

@@ -7,8 +7,9 @@ from dataclasses import replace
 import torch
 from hypothesis import strategies as st
 
+from properties import bias, oracle
 from properties.catalogue import Context, PropertyFailure, prop
-from properties.precision import Expected, delta_expected, forward_expected, mixed_expected, weights_expected
+from properties.precision import delta_expected, forward_expected, mixed_expected, weights_expected
 from properties.spec import BASE_ROW
 from properties.strategies import Draw
 
@@ -16,7 +17,14 @@ from properties.strategies import Draw
 @prop("reference_forward", "Unmerged eval output agrees with the float64 oracle within the precision bound.")
 def reference_forward(ctx: Context) -> None:
     h = ctx.build()
-    ctx.check(h.forward(ctx.x), forward_expected(ctx.spec, ctx.x, ctx.arith), "unmerged output")
+    y = h.forward(ctx.x)
+    ctx.check(y, forward_expected(ctx.spec, ctx.x, ctx.arith), "unmerged output")
+    spec, x = ctx.spec, ctx.x
+    if bias.applies(spec, spec.active_adapters):
+        cands = bias.unmerged_candidates(spec, x)
+        ctx.check_bias(
+            bias.tally("unmerged output", y, cands, bias.lora_part(spec, x), bias.feature_dim(spec))
+        )
 
 
 BASE_LAYER_OPTIONS = frozenset(
@@ -48,9 +56,11 @@ def layer_options_honoured(ctx: Context) -> None:
 def reference_delta(ctx: Context) -> None:
     h = ctx.build()
     for a in ctx.spec.adapters:
-        ctx.check_weights(
-            h.delta_weights(a.name), delta_expected(ctx.spec, a.name, ctx.arith), f"delta {a.name}"
-        )
+        actual = h.delta_weights(a.name)
+        ctx.check_weights(actual, delta_expected(ctx.spec, a.name, ctx.arith), f"delta {a.name}")
+        if not a.use_dora:  # one test per adapter: a bias may lean a different way in each
+            exact = oracle.delta_weights(ctx.spec, a.name)
+            ctx.check_bias(bias.weight_tally("delta", actual, bias.delta_candidates(ctx.spec, a.name), exact))
 
 
 @prop(
@@ -64,12 +74,24 @@ def merge_equivalence(ctx: Context) -> None:
     unmerged = h.forward(ctx.x)
     h.merge()
     merged = h.forward(ctx.x)
-    both = Expected(unmerged.detach().to("cpu", torch.float64), 2 * expected.bound, expected.magnitude)
+    both = expected.versus(unmerged.detach().to("cpu", torch.float64), 2 * expected.bound)
     ctx.check(merged, both, "merged vs unmerged output")
     ctx.check(merged, expected, "merged output")
-    ctx.check_weights(
-        h.weights(), weights_expected(ctx.spec, ctx.spec.active_adapters, ctx.arith), "merged weights"
-    )
+    names = ctx.spec.active_adapters
+    weights = h.weights()
+    ctx.check_weights(weights, weights_expected(ctx.spec, names, ctx.arith), "merged weights")
+    spec, x = ctx.spec, ctx.x
+    if not any(spec.adapter(n).use_dora for n in names):
+        exact = oracle.merged_weights(spec, names)
+        base = {k: v.detach().to("cpu", torch.float64) for k, v in spec.base_tensors().items()}
+        moved = {k: exact[k] - base[k] for k in exact}
+        cands = bias.merged_candidates(spec, names)
+        ctx.check_bias(bias.weight_tally("merged weights", weights, cands, moved))
+    if spec.kind != "mha":
+        cand = {"round(W' x + b')": bias.merged_output_candidate(spec, x, weights)}
+        ctx.check_bias(
+            bias.tally("merged output", merged, cand, bias.lora_part(spec, x), bias.feature_dim(spec))
+        )
 
 
 @prop(
@@ -128,5 +150,5 @@ def mixed_batch(ctx: Context) -> None:
             continue
         solo = ctx.build(single).forward(ctx.x[i : i + 1])
         exp = forward_expected(single, ctx.x[i : i + 1], ctx.arith)
-        both = Expected(solo.detach().to("cpu", torch.float64), 2 * exp.bound, exp.magnitude)
+        both = exp.versus(solo.detach().to("cpu", torch.float64), 2 * exp.bound)
         ctx.check(y[i : i + 1], both, f"row {i} ({name}) vs single-adapter forward")

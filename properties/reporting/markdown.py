@@ -37,6 +37,7 @@ def render_markdown(report: RunReport) -> str:
     out += _not_run(report)
     out += _known_bugs(report)
     out += _by_range(report)
+    out += _out_of_range(report)
     out += _details("Error statistics per cell", table_md(stats_table(report)), _STATS_NOTE)
     tol = tolerance_table(report)
     if tol.rows:
@@ -127,6 +128,28 @@ def _by_range(report: RunReport) -> list[str]:
     return ["", f"> ℹ️ {note}"] + _details(
         f"xfails lines applied by release range ({len(h.xfails_by_range)})", body, ""
     )
+
+
+def _out_of_range(report: RunReport) -> list[str]:
+    """Examples outside the claim (a stored value may exceed the dtype's range), by reason."""
+    per: dict[str, list[int]] = {}
+    for c in report.cells:
+        for reason, n in c.out_of_range_examples.items():
+            per.setdefault(reason, [0, 0])
+            per[reason][0] += 1
+            per[reason][1] += n
+    if not per:
+        return []
+    table = Table(
+        ["reason", "cells", "examples set aside"],
+        [[Cell(k), Cell(str(v[0])), Cell(str(v[1]))] for k, v in sorted(per.items())],
+        numeric={1, 2},
+    )
+    note = (
+        "A value a correct implementation stores may exceed the dtype's largest finite value, so inf or "
+        "NaN would be correct there; decided from the exact values, never from the target's output."
+    )
+    return _details(f"Examples outside the claim ({sum(v[1] for v in per.values())})", table_md(table), note)
 
 
 def _details(summary: str, body: str, note: str) -> list[str]:

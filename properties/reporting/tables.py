@@ -117,8 +117,8 @@ def stats_table(report: RunReport) -> Table:
     """Per cell: max / median / p99 of the ratio and of err_u, with sqrt(K) to compare err_u against."""
     table = Table(
         ["property", "layer", "dtype", "examples", "ratio max", "median", "p99", "err_u max", "median", "p99"]
-        + ["√K max"],
-        numeric=set(range(3, 11)),
+        + ["√K max", "bias |z|"],
+        numeric=set(range(3, 12)),
     )
     for c in sorted_cells(report.cells):
         stats = cell_stats(c)
@@ -132,6 +132,7 @@ def stats_table(report: RunReport) -> Table:
             [Cell(c.property), Cell(c.layer), Cell(c.dtype), Cell(str(c.examples))]
             + [Cell(fmt(x), kind) for x in (*ratio, *err_u)]
             + [Cell(fmt(math.sqrt(k_max)) if k_max else "—")]
+            + [Cell(fmt(c.max_bias_z) if c.max_bias_z is not None else "—")]
         )
     return table
 
