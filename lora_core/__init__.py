@@ -17,7 +17,8 @@ Imports only torch. The contract, shared by every layer (see ``LoraLayer``):
 from .config import LoraConfig
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
-from .layer import BASE, LoraLayer, compute_dtype
+from . import model
+from .layer import BASE, LoraLayer, MergePlan, compute_dtype
 from .linear import Conv1D, Linear
 from .mha import MultiheadAttention
 from .wrap import inject, wrap
@@ -34,8 +35,10 @@ __all__ = [
     "Linear",
     "LoraConfig",
     "LoraLayer",
+    "MergePlan",
     "MultiheadAttention",
     "compute_dtype",
     "inject",
+    "model",
     "wrap",
 ]

@@ -197,6 +197,12 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
     """Run one cell to a :class:`CellResult`. Never raises for target misbehaviour."""
     started = time.perf_counter()
     result = CellResult(cell.property, cell.layer, cell.dtype, "passed", seed=opts.seed)
+    if prop.bind is not None:  # a model property talks to the target's model half
+        try:
+            target = prop.bind(target)
+        except Unsupported as e:
+            result.status, result.message = "skipped", str(e)
+            return result
     reason = skip_reason(target, prop, cell)
     if reason:
         result.status, result.message = "skipped", reason
@@ -215,7 +221,8 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         for r in opts.known_bugs
         if r.matches(cell.property, cell.layer, cell.dtype)
     ]
-    strategy = st.tuples(examples(draw, hostile=prop.hostile), st.data() if prop.needs_data else st.none())
+    drawn_examples = prop.examples(draw) if prop.examples else examples(draw, hostile=prop.hostile)
+    strategy = st.tuples(drawn_examples, st.data() if prop.needs_data else st.none())
 
     def one_example(drawn) -> None:
         ex, data = drawn

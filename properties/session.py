@@ -39,7 +39,9 @@ def plan_cells(
 ) -> list[Cell]:
     """Every cell asked for, in catalogue order; ``shard=(i, n)`` keeps a deterministic 1/n of them."""
     catalogue = all_properties()
-    for kind, given, known in (("property", properties, catalogue), ("layer", layers, LAYER_KINDS)):
+    # Layer kinds, then the kinds only some properties have (the model half's architectures).
+    kinds = list(dict.fromkeys([*LAYER_KINDS, *(k for p in catalogue.values() for k in p.layers)]))
+    for kind, given, known in (("property", properties, catalogue), ("layer", layers, kinds)):
         unknown = [g for g in given or () if g not in known]
         if unknown:
             raise ValueError(f"unknown {kind} {', '.join(unknown)}; known: {', '.join(known)}")
@@ -49,7 +51,7 @@ def plan_cells(
     cells = [
         Cell(p, layer, d)
         for p in (properties or list(catalogue))
-        for layer in (layers or LAYER_KINDS)
+        for layer in (layers or kinds)
         for d in (dtypes or list(DTYPES))
         if layer in catalogue[p].layers
     ]

@@ -1,0 +1,119 @@
+"""The architectures of the model half, built in memory from configs with transformers (nothing is
+downloaded), and what the suite needs to know about them: which modules LoRA may target, which are
+tied, and what a forward returns.
+
+Every target that adapts a transformers model builds its base here, from the spec's exact tensors,
+with ``Model._from_config(config, dtype=...)`` — the path ``from_pretrained`` takes too, so a reloaded
+model and a built one hold the same buffers (``.to(dtype)`` would also round RoPE's ``inv_freq``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from properties.models.spec import Architecture, ModelSpec
+
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# (embedding, output head) pairs that share one weight when ``tie_word_embeddings`` is on.
+TIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "llama_tied": (("model.embed_tokens", "lm_head"),),
+    "llama": (),
+    "gpt2": (("transformer.wte", "lm_head"),),
+    "bert": (),
+}
+
+
+@functools.cache
+def transformers() -> Any:
+    """Import transformers once, with its progress bars and advisory logging silenced."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
+    return tf
+
+
+def model_class(arch: Architecture) -> type[nn.Module]:
+    tf = transformers()
+    return {
+        "llama_tied": tf.LlamaForCausalLM,
+        "llama": tf.LlamaForCausalLM,
+        "gpt2": tf.GPT2LMHeadModel,
+        "bert": tf.BertModel,
+    }[arch]
+
+
+def make_config(arch: Architecture, fields: dict[str, object]) -> Any:
+    tf = transformers()
+    cls = {
+        "llama_tied": tf.LlamaConfig,
+        "llama": tf.LlamaConfig,
+        "gpt2": tf.GPT2Config,
+        "bert": tf.BertConfig,
+    }[arch]
+    return cls(**fields)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer storing its weight ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The layer half's kind of a targetable module, or None (norms, containers, ...)."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return "linear"
+    return None
+
+
+def targetable(model: nn.Module) -> list[str]:
+    """Module paths LoRA may target, in model order: every linear, GPT-2 Conv1D and embedding."""
+    return [name for name, m in model.named_modules() if name and layer_kind(m) is not None]
+
+
+def build_base(spec: ModelSpec) -> nn.Module:
+    """The base model of ``spec`` in eval mode, holding exactly ``spec.base``; tied twins share storage."""
+    config = make_config(spec.architecture, spec.config)
+    with torch.device(spec.device):
+        model = model_class(spec.architecture)._from_config(config, dtype=spec.dtype)
+    load_base(model, spec.base)
+    return model.eval()
+
+
+@torch.no_grad()
+def load_base(model: nn.Module, base: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = set(params) - set(base)
+    if missing:
+        raise ValueError(f"spec holds no value for {sorted(missing)}")
+    for name, value in base.items():
+        params[name].copy_(value)
+
+
+def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter once (a tied twin under the name that owns it), as ``build_base`` wants them."""
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model computes: logits for the language models, hidden states and pooler for BERT."""
+    out = model(**batch)
+    if hasattr(out, "logits") and out.logits is not None:
+        return {"logits": out.logits.detach()}
+    return {"last_hidden_state": out.last_hidden_state.detach(), "pooler_output": out.pooler_output.detach()}
+
+
+def canonical_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight in the layer half's canonical ``(out, in)`` layout."""
+    w = module.weight.detach()
+    return w.T if is_conv1d(module) else w
