@@ -7,6 +7,7 @@ every finished cell; the CLI's sink rewrites ``report.json`` atomically after ea
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import multiprocessing
 import platform
 import signal
@@ -39,6 +40,8 @@ def plan_cells(
 ) -> list[Cell]:
     """Every cell asked for, in catalogue order; ``shard=(i, n)`` keeps a deterministic 1/n of them."""
     catalogue = all_properties()
+    if properties:  # globs select by pattern: --properties 'model_*' is the model half
+        properties = [m for p in properties for m in (fnmatch.filter(catalogue, p) if _glob(p) else [p])]
     # Layer kinds, then the kinds only some properties have (the model half's architectures).
     kinds = list(dict.fromkeys([*LAYER_KINDS, *(k for p in catalogue.values() for k in p.layers)]))
     for kind, given, known in (("property", properties, catalogue), ("layer", layers, kinds)):
@@ -60,6 +63,10 @@ def plan_cells(
         # By a hash of the cell, not by position: a cell stays in its shard when others are added.
         cells = [c for c in cells if zlib.crc32(str(c).encode()) % n == i - 1]
     return cells
+
+
+def _glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
 
 
 def precision_flags(opts: RunOptions) -> dict[str, object]:

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from properties.models import architectures as archs
 from properties.models.spec import Hostile, ModelAdapter, ModelExample, ModelSpec
 from properties.spec import AdapterSpec, Example
-from properties.strategies import _alpha, _choice, _ints, _unwrapped
 from properties.strategies import Hostile as LayerHostile
+from properties.strategies import _alpha, _choice, _ints, _unwrapped
 from properties.strategies import plant as plant_layer
 
 _BOOL = _unwrapped(st.booleans())

@@ -76,7 +76,7 @@ class ReferenceModelHandle(TorchModelHandle):
         self.active = [n for n in self.active if n != name]
 
     def add_weighted_adapter(self, names: Sequence[str], weights: Sequence[float], new_name: str) -> None:
-        """``cat``: ``A`` = the stacked ``A_i``; ``B`` = the stacked ``w_i s_i B_i`` rounded once; scaling 1."""
+        """``cat``: ``A`` stacks the ``A_i``; ``B`` stacks the ``w_i s_i B_i``, rounded once; scaling 1."""
         modules = {}
         for path, layer in self._layers().items():
             parts = [(n, w) for n, w in zip(names, weights, strict=True) if n in layer.r]
@@ -250,9 +250,7 @@ class ReferenceModelTarget:
         return h, h.load_adapter(directory, name)
 
     def load_merged(self, spec: ModelSpec, directory: Path) -> ReferenceModelHandle:
-        cls = archs.model_class(spec.architecture)
-        with torch.device(spec.device):
-            model = cls.from_pretrained(str(directory), dtype=spec.dtype)
+        model = archs.from_pretrained(spec, str(directory))
         return ReferenceModelHandle(model.eval(), spec)
 
 
