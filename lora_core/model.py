@@ -26,11 +26,16 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def _untie(model: nn.Module, path: str, layer: LoraLayer) -> list[str]:
-    """Give ``layer``'s merge parameters their own storage where another module shares it."""
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter names by storage address (tied parameters share one)."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(p.data_ptr(), []).append(name)
+    return owners
+
+
+def _untie(owners: dict[int, list[str]], path: str, layer: LoraLayer) -> list[str]:
+    """Give ``layer``'s merge parameters their own storage where another module shares it."""
     untied = []
     for key in layer.merge_params:
         p = layer._param(key)
@@ -58,9 +63,10 @@ def merge(
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.r]
         plans[path] = layer.plan_merge(safe_merge, names)
     untied: list[str] = []
+    owners = _owners(model)
     for path, plan in plans.items():
         if plan is not None:
-            untied += _untie(model, path, layers[path])
+            untied += _untie(owners, path, layers[path])
             layers[path].commit_merge(plan)
     return untied
 

@@ -9,6 +9,7 @@ model and a built one hold the same buffers (``.to(dtype)`` would also round RoP
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from typing import Any
@@ -82,12 +83,21 @@ def targetable(model: nn.Module) -> list[str]:
 
 
 def build_base(spec: ModelSpec) -> nn.Module:
-    """The base model of ``spec`` in eval mode, holding exactly ``spec.base``; tied twins share storage."""
-    config = make_config(spec.architecture, spec.config)
-    with torch.device(spec.device):
-        model = model_class(spec.architecture)._from_config(config, dtype=spec.dtype)
+    """The base model of ``spec`` in eval mode, holding exactly ``spec.base``; tied twins share storage.
+
+    A copy of a cached prototype: constructing a transformers model runs its weight initialisation
+    (most of an example's time), and every parameter is overwritten from the spec anyway."""
+    key = (spec.architecture, tuple(sorted(spec.config.items())), spec.dtype, spec.device)
+    model = copy.deepcopy(_prototype(*key))
     load_base(model, spec.base)
     return model.eval()
+
+
+@functools.lru_cache(maxsize=32)
+def _prototype(arch: Architecture, frozen_config: tuple, dtype: torch.dtype, device: str) -> nn.Module:
+    config = make_config(arch, dict(frozen_config))
+    with torch.device(device):
+        return model_class(arch)._from_config(config, dtype=dtype).eval()
 
 
 @torch.no_grad()

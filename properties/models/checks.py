@@ -214,6 +214,7 @@ def _fewer_layers(spec: ModelSpec) -> ModelSpec:
     "An adapter saved with the library's API holds its tensors and nothing of the base, and loads into a "
     "fresh base bit-identically; loading it twice or into a model its keys do not fit raises or is reported.",
     requires={"save_adapter"},
+    cost=1.5,  # four models built, three loads from disk per example
     max_adapters=1,
     deep_target=True,
 )
@@ -324,6 +325,7 @@ def model_tied_weights(ctx: Context) -> None:
     "Adding, deleting or switching one adapter leaves every other adapter's outputs bit-identical; "
     "add_weighted_adapter (cat) merges to the weighted sum of deltas within the merge bound.",
     requires={"set_active", "add_adapter", "delete_adapter"},
+    cost=2.0,  # three adapters, a dozen forwards and a second model per example
     min_adapters=2,
     extra=True,
     needs_data=True,
