@@ -188,3 +188,6 @@ MODEL_MUTANTS: tuple[ModelMutant, ...] = (
         "weighted_ignores_weights", ("model_adapter_isolation",), "bert", "float32", WeightedIgnoresWeights
     ),
 )
+
+# A mutant as a ``--target module:attribute`` (for the CLI tests).
+WRAPPER_LEFT_BEHIND = next(m for m in MODEL_MUTANTS if m.name == "wrapper_left_behind").target()
