@@ -14,10 +14,11 @@ Imports only torch. The contract, shared by every layer (see ``LoraLayer``):
   embedding and attention), so no op is upcast.
 """
 
+from . import model
 from .config import LoraConfig
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
-from .layer import BASE, LoraLayer, compute_dtype
+from .layer import BASE, LoraLayer, MergePlan, compute_dtype
 from .linear import Conv1D, Linear
 from .mha import MultiheadAttention
 from .wrap import inject, wrap
@@ -34,8 +35,10 @@ __all__ = [
     "Linear",
     "LoraConfig",
     "LoraLayer",
+    "MergePlan",
     "MultiheadAttention",
     "compute_dtype",
     "inject",
+    "model",
     "wrap",
 ]

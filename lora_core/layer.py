@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,6 +35,15 @@ def _nonfinite_kind(exact: torch.Tensor, rounded: torch.Tensor) -> str | None:
         sign = "+" if (rounded == math.inf).any() else "-"
         return f"{sign}Inf from overflow when rounding to {rounded.dtype}"
     return None
+
+
+@dataclass
+class MergePlan:
+    """What one layer's merge writes: the adapters, the new (rounded) parameters, the DoRA norms."""
+
+    names: list[str]
+    values: dict[str, torch.Tensor]
+    cache: dict[str, torch.Tensor]
 
 
 class LoraLayer(nn.Module):
@@ -328,6 +338,17 @@ class LoraLayer(nn.Module):
         With ``safe_merge`` every value is computed first and checked finite (also after rounding);
         on failure nothing at all is changed.
         """
+        plan = self.plan_merge(safe_merge, adapter_names)
+        if plan is not None:
+            self.commit_merge(plan)
+
+    @torch.no_grad()
+    def plan_merge(
+        self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> MergePlan | None:
+        """Everything a merge would write, computed and (with ``safe_merge``) checked, nothing written.
+
+        A model-level safe merge plans every layer before committing any (``lora_core.model``)."""
         names = self._active if adapter_names is None else adapter_names
         names = [names] if isinstance(names, str) else list(names)
         self._known(names)
@@ -336,7 +357,7 @@ class LoraLayer(nn.Module):
                 warnings.warn(f"adapter {name!r} is already merged; skipping", UserWarning, stacklevel=3)
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
-            return
+            return None
         cur, cache = self._current(), {}
         for name in names:
             fp = {k: v.to(compute_dtype(v.dtype)) for k, v in cur.items()}
@@ -352,11 +373,16 @@ class LoraLayer(nn.Module):
                 cur[key] = rounded
             if norm is not None:
                 cache[f"{name}-weight_norm"] = norm
+        return MergePlan(names, cur, cache)
+
+    @torch.no_grad()
+    def commit_merge(self, plan: MergePlan) -> None:
+        """Write what :meth:`plan_merge` computed."""
         if self.exact_unmerge and self._originals is None:
             self._originals = {k: v.clone() for k, v in self._current().items()}
-        self._write(cur)
-        self._caches.update(cache)
-        self.merged_adapters.extend(names)
+        self._write(plan.values)
+        self._caches.update(plan.cache)
+        self.merged_adapters.extend(plan.names)
 
     def _write(self, values: dict[str, torch.Tensor]) -> None:
         for key, value in values.items():

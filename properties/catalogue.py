@@ -165,6 +165,10 @@ class Property:
     hostile: bool = False
     needs_data: bool = False
     cost: float = 1.0  # relative cost of one example; a profile gives costly properties fewer
+    # The model half (``properties.models``): its own example strategy, built from the Draw, and the
+    # target it talks to (a layer target's model half). ``None``: the layer half's.
+    examples: Callable[[object], st.SearchStrategy] | None = None
+    bind: Callable[[Target], Target] | None = None
 
     def missing(self, caps: Capabilities) -> list[str]:
         return sorted(self.requires - caps.operations)
@@ -183,6 +187,8 @@ def prop(
     hostile: bool = False,
     needs_data: bool = False,
     cost: float = 1.0,
+    examples: Callable[[object], st.SearchStrategy] | None = None,
+    bind: Callable[[Target], Target] | None = None,
 ):
     """Register a property check under ``id``."""
 
@@ -190,7 +196,7 @@ def prop(
         if id in REGISTRY:
             raise ValueError(f"duplicate property id {id!r}")
         REGISTRY[id] = Property(
-            id, statement, fn, frozenset(requires), draw, layers, hostile, needs_data, cost
+            id, statement, fn, frozenset(requires), draw, layers, hostile, needs_data, cost, examples, bind
         )
         return fn
 
@@ -201,6 +207,7 @@ def all_properties() -> dict[str, Property]:
     """The catalogue, in a stable order (importing the modules registers them)."""
     # Import order is catalogue order: numbers first, then state changes, switches, dropout.
     from properties.checks import equivalence, state, scaling, dropout  # noqa: F401, I001
+    from properties.models import checks  # noqa: F401  (the model half: property x architecture x dtype)
 
     return REGISTRY
 

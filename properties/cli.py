@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-examples", type=int, help="examples per cell (overrides the profile)")
     run.add_argument("--seed", type=int, help="global seed (default: 0 for ci, random otherwise; printed)")
     run.add_argument("--properties", type=_csv, help="comma-separated property ids")
-    run.add_argument("--layers", type=_csv, help="comma-separated layer kinds")
+    run.add_argument("--layers", type=_csv, help="comma-separated layer kinds and/or model architectures")
     run.add_argument("--dtypes", type=_csv, help="comma-separated dtypes")
     run.add_argument(
         "--xfails",

@@ -47,6 +47,22 @@ FEATURES: dict[str, str] = {
     "hostile": "planted hostile value: 'nan', 'inf', '-inf', 'overflow', or '' when none",
     "kernel_size": "conv kernel size as a tuple, e.g. (1, 1, 2) (() outside conv)",
 }
+# The model half's features ('' / False / 0 for a layer example; a model example's ``kind`` is 'model').
+MODEL_FEATURES: dict[str, str] = {
+    "architecture": "model: 'llama_tied', 'llama', 'gpt2', 'bert'",
+    "tied_target": "model: a targeted module is tied to another module (embedding <-> lm_head)",
+    "twin_untargeted": "model: a targeted module's tied twin is not targeted by the same adapters",
+    "embedding_target": "model: an embedding module is targeted",
+    "lm_head_target": "model: lm_head is targeted",
+    "conv1d_target": "model: a GPT-2 Conv1D (fan_in_fan_out) module is targeted",
+    "targets": "model: number of targeted modules",
+    "layers": "model: hidden layers",
+    "masked": "model: the attention mask has padding",
+}
+FEATURES.update(MODEL_FEATURES)
+_LAYER_DEFAULTS = {"architecture": "", "targets": 0, "layers": 0} | {
+    k: False for k in MODEL_FEATURES if k not in ("architecture", "targets", "layers")
+}
 
 _NODES = (
     ast.Expression,
@@ -90,6 +106,10 @@ def compile_condition(expr: str) -> Callable[[dict[str, Any]], bool]:
 
 def features(ex: Example, hostile: Any = None) -> dict[str, Any]:
     """The facts about an example that a ``when`` condition may use."""
+    if hasattr(ex.spec, "architecture"):
+        from properties.models.features import model_features
+
+        return model_features(ex)
     s = ex.spec
     c = s.conv
     adapters = s.adapters
@@ -130,4 +150,5 @@ def features(ex: Example, hostile: Any = None) -> dict[str, Any]:
         "padding_mode": c.padding_mode if c else "",
         "hostile": getattr(hostile, "kind", "") or "",
         "kernel_size": tuple(c.kernel_size) if c else (),
+        **_LAYER_DEFAULTS,
     }

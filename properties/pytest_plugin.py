@@ -23,7 +23,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--lora-seed", type=int, default=None, help="global seed (default 0 for ci, else random)")
     g.addoption("--lora-max-examples", type=int, default=None)
     g.addoption("--lora-properties", default="", help="comma-separated property ids")
-    g.addoption("--lora-layers", default="", help="comma-separated layer kinds")
+    g.addoption("--lora-layers", default="", help="comma-separated layer kinds and/or architectures")
     g.addoption("--lora-dtypes", default="", help="comma-separated dtypes")
     g.addoption("--lora-xfails", default="auto", help="expected-failure file; 'auto': the bundled one")
     g.addoption("--lora-report", default=None, help="directory for report.json/.md/.html")

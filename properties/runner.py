@@ -241,6 +241,12 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
     """Run one cell to a :class:`CellResult`. Never raises for target misbehaviour."""
     started = time.perf_counter()
     result = CellResult(cell.property, cell.layer, cell.dtype, "passed", seed=opts.seed)
+    if prop.bind is not None:  # a model property talks to the target's model half
+        try:
+            target = prop.bind(target)
+        except Unsupported as e:
+            result.status, result.message = "skipped", str(e)
+            return result
     reason = skip_reason(target, prop, cell)
     if reason:
         result.status, result.message = "skipped", reason
@@ -259,7 +265,8 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         for r in opts.known_bugs
         if r.matches(cell.property, cell.layer, cell.dtype)
     ]
-    strategy = st.tuples(examples(draw, hostile=prop.hostile), st.data() if prop.needs_data else st.none())
+    drawn_examples = prop.examples(draw) if prop.examples else examples(draw, hostile=prop.hostile)
+    strategy = st.tuples(drawn_examples, st.data() if prop.needs_data else st.none())
     traced = TracedTarget(target)  # records each target call, so a hang or crash can name it
     watchdog = _Watchdog(opts.profile.cell_timeout_s, opts.profile.example_timeout_s)
     ACTIVITY.reset()

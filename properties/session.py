@@ -6,6 +6,7 @@ every finished cell; the CLI's sink rewrites ``report.json`` atomically after ea
 
 from __future__ import annotations
 
+import fnmatch
 import platform
 import sys
 import zlib
@@ -35,7 +36,11 @@ def plan_cells(
 ) -> list[Cell]:
     """Every cell asked for, in catalogue order; ``shard=(i, n)`` keeps a deterministic 1/n of them."""
     catalogue = all_properties()
-    for kind, given, known in (("property", properties, catalogue), ("layer", layers, LAYER_KINDS)):
+    if properties:  # globs select by pattern: --properties 'model_*' is the model half
+        properties = [m for p in properties for m in (fnmatch.filter(catalogue, p) if _glob(p) else [p])]
+    # Layer kinds, then the kinds only some properties have (the model half's architectures).
+    kinds = list(dict.fromkeys([*LAYER_KINDS, *(k for p in catalogue.values() for k in p.layers)]))
+    for kind, given, known in (("property", properties, catalogue), ("layer", layers, kinds)):
         unknown = [g for g in given or () if g not in known]
         if unknown:
             raise ValueError(f"unknown {kind} {', '.join(unknown)}; known: {', '.join(known)}")
@@ -45,7 +50,7 @@ def plan_cells(
     cells = [
         Cell(p, layer, d)
         for p in (properties or list(catalogue))
-        for layer in (layers or LAYER_KINDS)
+        for layer in (layers or kinds)
         for d in (dtypes or list(DTYPES))
         if layer in catalogue[p].layers
     ]
@@ -54,6 +59,10 @@ def plan_cells(
         # By a hash of the cell, not by position: a cell stays in its shard when others are added.
         cells = [c for c in cells if zlib.crc32(str(c).encode()) % n == i - 1]
     return cells
+
+
+def _glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
 
 
 def precision_flags(opts: RunOptions) -> dict[str, object]:

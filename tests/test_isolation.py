@@ -70,6 +70,7 @@ def _run(target, prop: str, layer: str, dtype: str, n: int = 5):
         ("merge_equivalence", "conv2d", "bfloat16"),
         ("mixed_batch", "mha", "float32"),
         ("safe_merge_atomic", "linear", "float16"),
+        ("model_merged_save_load", "llama_tied", "bfloat16"),  # whole transformers models, saved/loaded
     ],
 )
 def test_run_cell_leaves_globals_unchanged(unusual_globals: dict[str, object], prop, layer, dtype) -> None:

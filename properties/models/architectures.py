@@ -1,0 +1,150 @@
+"""The architectures of the model half, built in memory from configs with transformers (nothing is
+downloaded), and what the suite needs to know about them: which modules LoRA may target, which are
+tied, and what a forward returns.
+
+Every target that adapts a transformers model builds its base here, from the spec's exact tensors,
+with ``Model._from_config(config, dtype=...)`` — the path ``from_pretrained`` takes too, so a reloaded
+model and a built one hold the same buffers (``.to(dtype)`` would also round RoPE's ``inv_freq``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from properties.models.spec import Architecture, ModelSpec
+
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# (embedding, output head) pairs that share one weight when ``tie_word_embeddings`` is on.
+TIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "llama_tied": (("model.embed_tokens", "lm_head"),),
+    "llama": (),
+    "gpt2": (("transformer.wte", "lm_head"),),
+    "bert": (),
+}
+
+
+@functools.cache
+def transformers() -> Any:
+    """Import transformers once, with its progress bars and advisory logging silenced."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
+    return tf
+
+
+def model_class(arch: Architecture) -> type[nn.Module]:
+    tf = transformers()
+    return {
+        "llama_tied": tf.LlamaForCausalLM,
+        "llama": tf.LlamaForCausalLM,
+        "gpt2": tf.GPT2LMHeadModel,
+        "bert": tf.BertModel,
+    }[arch]
+
+
+def make_config(arch: Architecture, fields: dict[str, object]) -> Any:
+    tf = transformers()
+    cls = {
+        "llama_tied": tf.LlamaConfig,
+        "llama": tf.LlamaConfig,
+        "gpt2": tf.GPT2Config,
+        "bert": tf.BertConfig,
+    }[arch]
+    return cls(**fields)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer storing its weight ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The layer half's kind of a targetable module, or None (norms, containers, ...)."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return "linear"
+    return None
+
+
+def targetable(model: nn.Module) -> list[str]:
+    """Module paths LoRA may target, in model order: every linear, GPT-2 Conv1D and embedding."""
+    return [name for name, m in model.named_modules() if name and layer_kind(m) is not None]
+
+
+def build_base(spec: ModelSpec) -> nn.Module:
+    """The base model of ``spec`` in eval mode, holding exactly ``spec.base``; tied twins share storage.
+
+    A copy of a cached prototype: constructing a transformers model runs its weight initialisation
+    (most of an example's time), and every parameter is overwritten from the spec anyway."""
+    key = (spec.architecture, tuple(sorted(spec.config.items())), spec.dtype, spec.device)
+    model = copy.deepcopy(_prototype(*key))
+    load_base(model, spec.base)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=32)
+def _prototype(arch: Architecture, frozen_config: tuple, dtype: torch.dtype, device: str) -> nn.Module:
+    config = make_config(arch, dict(frozen_config))
+    with torch.device(device):
+        return model_class(arch)._from_config(config, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def load_base(model: nn.Module, base: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = set(params) - set(base)
+    if missing:
+        raise ValueError(f"spec holds no value for {sorted(missing)}")
+    for name, value in base.items():
+        params[name].copy_(value)
+
+
+def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter once (a tied twin under the name that owns it), as ``build_base`` wants them."""
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model computes: logits for the language models, hidden states and pooler for BERT."""
+    out = model(**batch)
+    if hasattr(out, "logits") and out.logits is not None:
+        return {"logits": out.logits.detach()}
+    return {"last_hidden_state": out.last_hidden_state.detach(), "pooler_output": out.pooler_output.detach()}
+
+
+def canonical_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight in the layer half's canonical ``(out, in)`` layout."""
+    w = module.weight.detach()
+    return w.T if is_conv1d(module) else w
+
+
+@torch.no_grad()
+def from_pretrained(spec: ModelSpec, directory: str) -> nn.Module:
+    """``Model.from_pretrained(directory, dtype=spec.dtype)``, its parameters then moved into freshly
+    allocated memory (tied twins stay one tensor).
+
+    transformers memory-maps safetensors, so parameters can start at addresses that are not 64-byte
+    aligned; torch's CPU kernels then take another vector path and round float32 sums differently
+    (measured: a plain tiny Llama saved and reloaded gives different logits in the last bit, 20 of 20
+    seeds, with bit-identical weights). That is a property of the memory, not of any library under
+    test, so the model-level save/load properties compare models whose parameters sit in fresh memory.
+    """
+    with torch.device(spec.device):
+        model = model_class(spec.architecture).from_pretrained(directory, dtype=spec.dtype)
+    for p in model.parameters():  # deduplicated: a tied parameter object is re-homed once
+        p.data = p.data.clone()
+    for _, m in model.named_modules():
+        for name, b in list(m.named_buffers(recurse=False)):
+            m._buffers[name] = b.clone()
+    return model.eval()

@@ -1,0 +1,60 @@
+"""The facts about a model example that an xfails ``when`` line may use (see ``properties.known_bugs``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from properties.models.spec import ModelExample
+from properties.models.strategies import layout
+from properties.spec import dtype_name
+
+
+def model_features(ex: ModelExample) -> dict[str, Any]:
+    """Every feature ``properties.known_bugs.FEATURES`` names: the model ones, the shared ones
+    (dtype, adapters, rank, DoRA, rsLoRA, hostile) and neutral values for the layer-only ones."""
+    s = ex.spec
+    _, _, facts = layout(s)
+    targeted = s.targeted
+    modules = [m for a in s.adapters for m in a.modules.values()]
+    tied = [p for p in targeted if s.twin(p) is not None]
+    untargeted_twin = any(
+        s.twin(p) not in a.modules for a in s.adapters for p in a.modules if s.twin(p) is not None
+    )
+    layers = s.config.get("num_hidden_layers", s.config.get("n_layer", 0))
+    return {
+        "kind": "model",
+        "dtype": dtype_name(s.dtype),
+        "adapters": len(s.adapters),
+        "rank": max((m.r for m in modules), default=0),
+        "dora": any(a.use_dora for a in s.adapters),
+        "rslora": any(a.use_rslora for a in s.adapters),
+        "lora_bias": False,
+        "dropout": 0.0,
+        "alpha_equals_rank": any(m.alpha == m.r for m in modules),
+        "base_bias": any(facts[p]["bias"] for p in targeted),
+        "fan_in_fan_out": any(facts[p]["fan_in_fan_out"] for p in targeted),
+        "fan_in": 0,
+        "fan_out": 0,
+        "unbatched": False,
+        "padding_idx": False,
+        "heads": int(s.config.get("num_attention_heads", s.config.get("n_head", 1))),
+        "groups": 1,
+        "kernel": 0,
+        "kernel1": False,
+        "stride": 0,
+        "dilation": 0,
+        "padding": 0,
+        "padding_same": False,
+        "padding_mode": "",
+        "hostile": ex.hostile.kind if ex.hostile else "",
+        "kernel_size": (),
+        "architecture": s.architecture,
+        "tied_target": bool(tied),
+        "twin_untargeted": untargeted_twin,
+        "embedding_target": any(facts[p]["kind"] == "embedding" for p in targeted),
+        "lm_head_target": "lm_head" in targeted,
+        "conv1d_target": any(facts[p]["fan_in_fan_out"] for p in targeted),
+        "targets": len(targeted),
+        "layers": int(layers),
+        "masked": bool((ex.attention_mask == 0).any()),
+    }

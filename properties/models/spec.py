@@ -1,0 +1,139 @@
+"""What a model property hands to a model target: an architecture, its exact base weights, and the
+adapters to load on named modules.
+
+A :class:`ModelSpec` is library-neutral: the architecture is named (``llama_tied``, ``llama``,
+``gpt2``, ``bert``) and its config is a plain dict; ``base`` holds every base parameter by the
+transformers state-dict name, already rounded to ``dtype`` (tied parameters appear once, under the
+name that owns the storage). Each adapter is a :class:`ModelAdapter`: per targeted module path, an
+:class:`~properties.spec.AdapterSpec` in the layer half's canonical layout (``(out, in)`` for linear
+and GPT-2 Conv1D alike), so the layer half's oracle and precision model apply to every module as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from properties.spec import AdapterSpec, dtype_name
+
+Architecture = Literal["llama_tied", "llama", "gpt2", "bert"]
+ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "llama", "gpt2", "bert")
+TIED_ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "gpt2")
+
+
+@dataclass(frozen=True, eq=False)
+class ModelAdapter:
+    """One named adapter over a model: a LoRA per targeted module path (ranks and alphas per module)."""
+
+    name: str
+    modules: dict[str, AdapterSpec]  # module path -> factors (canonical layout, rounded to the dtype)
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self.modules)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor, keyed ``path/A``, ``path/B``, ``path/magnitude``."""
+        return {f"{p}/{k}": v for p, a in self.modules.items() for k, v in a.tensors().items()}
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """A non-finite or overflowing entry planted in one adapter of one module (safe-merge property)."""
+
+    kind: str  # nan | inf | -inf | overflow
+    adapter: str
+    path: str
+    tensor: str  # A or B
+    position: int
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSpec:
+    """A base model plus its adapters, everything exact. Model targets build from this and nothing else."""
+
+    architecture: Architecture
+    config: dict[str, object]
+    dtype: torch.dtype
+    base: dict[str, torch.Tensor]  # state-dict name -> exact tensor (tied twins appear once)
+    adapters: tuple[ModelAdapter, ...]
+    tied: tuple[tuple[str, str], ...] = ()  # (module path, twin module path) sharing one weight
+    device: str = "cpu"
+    seed: int = 0
+    active: tuple[str, ...] = field(default=())  # active adapters; empty means all, in order
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.adapters)
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self.active or self.adapter_names
+
+    def adapter(self, name: str) -> ModelAdapter:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    @property
+    def targeted(self) -> tuple[str, ...]:
+        """Every module path some adapter targets, in model order of first appearance."""
+        return tuple(dict.fromkeys(p for a in self.adapters for p in a.modules))
+
+    def twin(self, path: str) -> str | None:
+        """The module tied to ``path`` (embedding <-> lm_head), if any."""
+        for a, b in self.tied:
+            if path == a:
+                return b
+            if path == b:
+                return a
+        return None
+
+    @property
+    def options(self) -> frozenset[str]:
+        opts: set[str] = set()
+        if len(self.adapters) > 1:
+            opts.add("multi_adapter")
+        for a in self.adapters:
+            opts |= {o for o, on in (("rslora", a.use_rslora), ("dora", a.use_dora)) if on}
+        return frozenset(opts)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelExample:
+    """A spec plus the batch it is run on: token ids and an attention mask (0 = padding)."""
+
+    spec: ModelSpec
+    input_ids: torch.Tensor  # (batch, seq) int64
+    attention_mask: torch.Tensor  # (batch, seq) int64, 1 = attend
+    extra: ModelAdapter | None = None  # a further adapter to add (isolation), same modules or not
+    hostile: Hostile | None = None  # safe merge: the entry planted in ``spec`` (``clean`` is without)
+    clean: ModelSpec | None = None
+
+    @property
+    def batch(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def describe(self) -> str:
+        s = self.spec
+        cfg = " ".join(f"{k}={v}" for k, v in s.config.items())
+        lines = [
+            f"architecture={s.architecture} dtype={dtype_name(s.dtype)} seed={s.seed}",
+            f"config: {cfg}",
+            f"input_ids={tuple(self.input_ids.shape)} padding={int((self.attention_mask == 0).sum())} "
+            f"mask={self.attention_mask.tolist()}",
+        ]
+        for a in (*s.adapters, *([self.extra] if self.extra else [])):
+            mods = ", ".join(f"{p}(r={m.r}, alpha={m.alpha:g})" for p, m in a.modules.items())
+            extra = " (added later)" if a is self.extra else ""
+            lines.append(f"adapter {a.name!r}{extra}: rslora={a.use_rslora} dora={a.use_dora} on {mods}")
+        if s.active:
+            lines.append(f"active={list(s.active)}")
+        if self.hostile:
+            lines.append(f"hostile: {self.hostile}")
+        return "\n".join(lines)

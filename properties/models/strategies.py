@@ -1,0 +1,293 @@
+"""Hypothesis strategies for whole models: the structure is drawn, the values are seeded.
+
+Drawn per example: the architecture's config (1-3 layers, hidden sizes down to the smallest the
+architecture allows, heads and GQA key/value heads, vocabulary, MLP width), which modules are targeted
+(any subset of the linear / Conv1D / embedding / ``lm_head`` modules, tied ones included), per-module
+ranks (up to and past the smallest dimension) and alphas, rsLoRA and DoRA per adapter, 1-2 adapters,
+and the inputs (batch, sequence length, left/right padding with an attention mask). Every tensor is
+then filled from a ``torch.Generator`` seeded by a drawn integer and rounded to the dtype, as in the
+layer half (``properties.strategies``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from hypothesis import strategies as st
+
+from properties.models import architectures as archs
+from properties.models.spec import Hostile, ModelAdapter, ModelExample, ModelSpec
+from properties.spec import AdapterSpec, Example
+from properties.strategies import Hostile as LayerHostile
+from properties.strategies import _alpha, _choice, _ints, _unwrapped
+from properties.strategies import plant as plant_layer
+
+_BOOL = _unwrapped(st.booleans())
+ADAPTER_NAMES = ("default", "other")
+EXTRA_NAME = "extra"
+
+
+@dataclass(frozen=True)
+class ModelDraw:
+    """What a model property lets the strategy draw for one cell."""
+
+    architecture: str
+    dtype: torch.dtype
+    options: frozenset[str]
+    min_adapters: int = 1
+    max_adapters: int = 2
+    tied_target: bool = False  # exactly one module of a tied pair is targeted, its twin is not
+    extra: bool = False  # draw a further adapter to add later
+    hostile: bool = False
+    deep_target: bool = False  # >= 2 layers and a target in the last one (mismatched-key loads)
+    device: str = "cpu"
+
+
+def _config(draw: st.DrawFn, arch: str, min_layers: int) -> dict[str, object]:
+    layers = draw(_ints(min_layers, 3), label="layers")
+    vocab = draw(_ints(4, 24), label="vocab")
+    inter = draw(_ints(1, 8), label="mlp width")
+    if arch in ("llama", "llama_tied"):
+        kv = draw(_ints(1, 2), label="kv heads")
+        heads = kv * draw(_ints(1, 2), label="GQA group")
+        head_dim = 2 * draw(_ints(1, 2))  # RoPE rotates pairs: the smallest head is 2 wide
+        return dict(
+            vocab_size=vocab,
+            hidden_size=heads * head_dim,
+            head_dim=head_dim,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            tie_word_embeddings=arch == "llama_tied",
+            max_position_embeddings=16,
+            pad_token_id=None,
+        )
+    heads, head_dim = draw(_ints(1, 2), label="heads"), draw(_ints(1, 3), label="head dim")
+    if arch == "gpt2":
+        return dict(
+            vocab_size=vocab,
+            n_embd=heads * head_dim,
+            n_head=heads,
+            n_layer=layers,
+            n_inner=inter,
+            n_positions=8,
+            tie_word_embeddings=True,
+        )
+    return dict(
+        vocab_size=vocab,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        max_position_embeddings=8,
+        type_vocab_size=2,
+        pad_token_id=0,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(arch: str, frozen_config: tuple) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...], dict]:
+    """Parameter shapes, targetable paths and per-module facts of an architecture (built on meta)."""
+    config = archs.make_config(arch, dict(frozen_config))
+    with torch.device("meta"):
+        model = archs.model_class(arch)._from_config(config, dtype=torch.float32)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    paths = tuple(archs.targetable(model))
+    facts = {}
+    for p in paths:
+        m = model.get_submodule(p)
+        w = archs.canonical_weight(m)
+        facts[p] = dict(
+            kind=archs.layer_kind(m),
+            fan_in_fan_out=archs.is_conv1d(m),
+            out_in=tuple(w.shape),
+            bias=getattr(m, "bias", None) is not None,
+            padding_idx=getattr(m, "padding_idx", None),
+        )
+    return shapes, paths, facts
+
+
+def layout(spec: ModelSpec) -> tuple[dict, tuple[str, ...], dict]:
+    return _layout(spec.architecture, tuple(sorted(spec.config.items())))
+
+
+def _subset(draw: st.DrawFn, items: list[str], label: str) -> list[str]:
+    """A non-empty subset, shrinking toward the first item alone."""
+    chosen = [p for p in items if draw(_BOOL, label=f"{label} {p}")]
+    return chosen or [items[draw(_ints(0, len(items) - 1), label=label)]]
+
+
+def _modules_plan(draw, targets: list[str], facts: dict) -> dict[str, tuple[int, float]]:
+    plan = {}
+    for p in targets:
+        out_f, in_f = facts[p]["out_in"]
+        r = draw(_ints(1, min(out_f, in_f) + 1), label=f"r {p}")
+        plan[p] = (r, _alpha(draw, r))
+    return plan
+
+
+@st.composite
+def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
+    arch = d.architecture
+    config = _config(draw, arch, 2 if d.deep_target else 1)
+    shapes, paths, facts = _layout(arch, tuple(sorted(config.items())))
+    ties = archs.TIES[arch]
+    seed = draw(_ints(0, 2**31 - 1), label="seed")
+    log2 = {
+        t: draw(_ints(lo, hi), label=f"log2|{t}|") for t, lo, hi in (("W", -1, 1), ("A", -2, 1), ("B", -2, 1))
+    }
+
+    pool = list(paths)
+    forced: list[str] = []
+    if d.tied_target:
+        a, b = ties[draw(_ints(0, len(ties) - 1))] if len(ties) > 1 else ties[0]
+        keep, twin = (a, b) if draw(_BOOL, label="tied: embedding side") else (b, a)
+        pool = [p for p in paths if p not in (keep, twin)]
+        forced = [keep]
+    if d.deep_target:
+        last = config.get("num_hidden_layers", config.get("n_layer"))
+        deep = [p for p in pool if f".{int(last) - 1}." in p and p not in forced]
+        forced.append(deep[draw(_ints(0, len(deep) - 1), label="deep target")])
+    optional = [p for p in pool if p not in forced]
+    targets = forced + ([p for p in optional if draw(_BOOL, label=f"target {p}")] if optional else [])
+    if not targets:
+        targets = [optional[draw(_ints(0, len(optional) - 1), label="target")]]
+    targets = [p for p in paths if p in targets]  # model order
+
+    multi = "multi_adapter" in d.options
+    n = draw(_ints(d.min_adapters, d.max_adapters if multi else 1), label="adapters")
+    plans = []
+    for i in range(n):
+        mods = targets if i == 0 else _subset(draw, targets, f"adapter {i} targets")
+        plans.append(_adapter_plan(draw, ADAPTER_NAMES[i], mods, facts, d, n))
+    extra_plan = None
+    if d.extra:
+        extra_plan = _adapter_plan(draw, EXTRA_NAME, _subset(draw, list(paths), "extra targets"), facts, d, 2)
+
+    batch, seq = draw(_ints(1, 3), label="batch"), draw(_ints(1, 5), label="seq")
+    padding = draw(_choice(("none", "left", "right")), label="padding")
+    pads = [draw(_ints(0, seq - 1), label="pad") if padding != "none" else 0 for _ in range(batch)]
+
+    gen = torch.Generator().manual_seed(seed)
+    base = _base_values(gen, shapes, facts, 2.0 ** log2["W"], d)
+    vocab = int(config["vocab_size"])
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    for row, k in enumerate(pads):
+        if k:
+            mask[row, :k] = 0 if padding == "left" else 1
+            if padding == "right":
+                mask[row, seq - k :] = 0
+    spec = ModelSpec(
+        architecture=arch,
+        config=config,
+        dtype=d.dtype,
+        base=base,
+        adapters=(),
+        tied=ties,
+        device=d.device,
+        seed=seed,
+    )
+    adapters = tuple(_fill_adapter(gen, spec, p, facts, log2) for p in plans)
+    spec = replace(spec, adapters=adapters)
+    extra = _fill_adapter(gen, spec, extra_plan, facts, log2) if extra_plan else None
+    ex = ModelExample(spec, input_ids.to(d.device), mask.to(d.device), extra=extra)
+    if not d.hostile:
+        return ex
+    kind = draw(_choice(("nan", "inf", "-inf", "overflow")), label="hostile")
+    which = adapters[draw(_ints(0, len(adapters) - 1), label="hostile adapter")]
+    path = which.paths[-1]  # the deepest module that adapter targets
+    tensor = draw(_choice(("A", "B")), label="hostile tensor")
+    h = Hostile(kind, which.name, path, tensor, draw(_ints(0, 2**16), label="hostile position"))
+    return replace(ex, spec=plant(spec, h), hostile=h, clean=spec)
+
+
+def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int) -> dict:
+    return dict(
+        name=name,
+        modules=_modules_plan(draw, mods, facts),
+        rslora="rslora" in d.options and draw(_BOOL, label="rslora"),
+        dora="dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora"),
+    )
+
+
+def _rounded(gen, shape, scale, d) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(d.device, d.dtype)
+
+
+def _base_values(gen, shapes, facts, scale, d: ModelDraw) -> dict[str, torch.Tensor]:
+    """Weights ~ N(0, scale^2 / fan_in), embeddings ~ N(0, scale^2), norm weights ~ 1 + N(0, 1/64)."""
+    out = {}
+    for name, shape in shapes.items():
+        module = name.rpartition(".")[0]
+        if "norm" in name.lower() and name.endswith("weight"):
+            t = 1 + torch.randn(shape, generator=gen, dtype=torch.float64) / 8
+            out[name] = t.to(d.device, d.dtype)
+        elif module in facts and facts[module]["kind"] == "linear" and name.endswith("weight"):
+            fan_in = facts[module]["out_in"][1]
+            out[name] = _rounded(gen, shape, scale / math.sqrt(fan_in), d)
+        elif name.endswith("bias"):
+            out[name] = _rounded(gen, shape, scale / 4, d)
+        else:
+            out[name] = _rounded(gen, shape, scale, d)
+    return out
+
+
+def module_weight(spec: ModelSpec, path: str, base: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The canonical ``(out, in)`` base weight of the module at ``path`` (a tied twin's if shared)."""
+    base = spec.base if base is None else base
+    key = f"{path}.weight"
+    if key not in base:
+        key = f"{spec.twin(path)}.weight"
+    _, _, facts = layout(spec)
+    w = base[key]
+    return w.T if facts[path]["fan_in_fan_out"] else w
+
+
+def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> ModelAdapter:
+    d = ModelDraw(spec.architecture, spec.dtype, frozenset(), device=spec.device)
+    modules = {}
+    for path, (r, alpha) in plan["modules"].items():
+        f = facts[path]
+        out_f, in_f = f["out_in"]
+        if f["kind"] == "embedding":  # canonical (num, dim): A (r, num), B (dim, r)
+            a_shape, b_shape, k = (r, out_f), (in_f, r), 1
+        else:
+            a_shape, b_shape, k = (r, in_f), (out_f, r), in_f
+        A = _rounded(gen, a_shape, 2.0 ** log2["A"] / math.sqrt(k), d)
+        B = _rounded(gen, b_shape, 2.0 ** log2["B"] / math.sqrt(r), d)
+        mag = None
+        if plan["dora"]:
+            w = module_weight(spec, path).to(torch.float64)
+            norms = w.norm(dim=0) if f["kind"] == "embedding" else w.norm(dim=1)
+            rand = torch.rand(norms.shape, generator=gen, dtype=torch.float64)
+            mag = ((rand + 0.5) * norms + 2.0**-8).to(d.device, d.dtype)
+        modules[path] = AdapterSpec(
+            name=plan["name"],
+            r=r,
+            alpha=alpha,
+            A=A,
+            B=B,
+            use_rslora=plan["rslora"],
+            use_dora=plan["dora"],
+            magnitude=mag,
+        )
+    return ModelAdapter(plan["name"], modules, use_rslora=plan["rslora"], use_dora=plan["dora"])
+
+
+def plant(spec: ModelSpec, h: Hostile) -> ModelSpec:
+    """``spec`` with the hostile entry written into a copy of one module's adapter factor (the layer
+    half's planting, so NaN, +-Inf and a rank-1 overflow mean the same thing at both levels)."""
+    from properties.models.oracle import layer_spec
+
+    a = spec.adapter(h.adapter)
+    ls = layer_spec(spec, h.path, [h.adapter])
+    planted = plant_layer(Example(ls, torch.zeros(0)), LayerHostile(h.kind, 0, h.tensor, h.position))
+    modules = dict(a.modules)
+    modules[h.path] = planted.spec.adapters[0]
+    new = replace(a, modules=modules)
+    return replace(spec, adapters=tuple(new if b.name == a.name else b for b in spec.adapters))

@@ -1,0 +1,1 @@
+"""Model-level targets: the reference (``lora_core`` on transformers models) and PEFT."""

@@ -1,0 +1,75 @@
+"""The model properties catch model-level bugs, and the reference model target passes them all.
+
+Every mutant in ``tests/model_mutants.py`` carries one bug (tied twin written, adapter applied twice,
+keys dropped on load, wrapper left behind, ...); its cell must end ``failed`` (not ``error``) with a
+shrunk example and a replay command. The clean reference must pass every model property in every
+dtype (few examples each: the point is no false alarm, and each example is a whole model).
+"""
+
+from __future__ import annotations
+
+import pytest
+from model_mutants import MODEL_MUTANTS, ModelMutant
+
+from properties.catalogue import all_properties
+from properties.models.spec import ARCHITECTURES
+from properties.models.targets.reference import TARGET
+from properties.profiles import PROFILES
+from properties.runner import Cell, RunOptions, run_cell
+from properties.spec import DTYPES
+
+PROPS = all_properties()
+MODEL_PROPS = [p for p in PROPS if p.startswith("model_")]
+
+
+def _run(target, cell: Cell, max_examples: int | None = None):
+    opts = RunOptions(target=target.name, profile=PROFILES["ci"], seed=0, max_examples=max_examples)
+    return run_cell(target, PROPS[cell.property], cell, opts)
+
+
+@pytest.mark.parametrize("mutant", MODEL_MUTANTS, ids=lambda m: m.name)
+def test_model_mutant_is_caught(mutant: ModelMutant) -> None:
+    result = _run(mutant.target(), mutant.cell)
+    assert result.status == "failed", f"{mutant.name}: {result.status}: {result.message}"
+    assert result.example and result.replay
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("prop", MODEL_PROPS)
+def test_reference_passes_model_property(prop: str, dtype: str) -> None:
+    for arch in PROPS[prop].layers:
+        result = _run(TARGET, Cell(prop, arch, dtype), max_examples=2)
+        assert result.status == "passed", f"{prop} {arch} {dtype}: {result.message}\n{result.example}"
+
+
+def test_model_properties_cover_every_architecture() -> None:
+    assert set(MODEL_PROPS) >= {
+        "model_merge_equivalence",
+        "model_unload_restores_base",
+        "model_adapter_save_load",
+        "model_merged_save_load",
+        "model_tied_weights",
+        "model_adapter_isolation",
+        "model_safe_merge",
+        "model_unloaded_is_plain",
+    }
+    assert all(set(PROPS[p].layers) <= set(ARCHITECTURES) for p in MODEL_PROPS)
+
+
+def test_layer_target_without_model_half_is_skipped() -> None:
+    """A target with no model_target and no built-in model half: model cells are skipped, with why."""
+
+    class LayerOnly:
+        name = "layer-only"
+
+        def version(self):
+            return "0"
+
+        def capabilities(self):
+            return TARGET.capabilities()
+
+        def build(self, spec):
+            raise AssertionError("never built")
+
+    result = _run(LayerOnly(), Cell("model_merge_equivalence", "llama", "float32"), max_examples=2)
+    assert result.status == "skipped" and "no model-level target" in result.message

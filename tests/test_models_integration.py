@@ -1,0 +1,87 @@
+"""The model half through the shared machinery: CLI, reports, xfails `when` lines, shards, pytest plugin."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from properties.catalogue import all_properties
+from properties.known_bugs import FEATURES, compile_condition, features
+from properties.models.spec import ARCHITECTURES
+from properties.models.strategies import ModelDraw, model_examples
+from properties.profiles import PROFILES
+from properties.runner import Cell, RunOptions, run_cell
+from properties.session import plan_cells
+from properties.xfails import example_rules, parse_xfails
+from tests.test_cli import cli
+
+
+def test_model_cells_are_planned_by_architecture_and_glob():
+    cells = plan_cells(["model_*"], None, ["float32"])
+    assert {c.layer for c in cells} == set(ARCHITECTURES)
+    assert {c.property for c in plan_cells(["model_tied_weights"])} == {"model_tied_weights"}
+    assert {c.layer for c in plan_cells(["model_tied_weights"])} == {"llama_tied", "gpt2"}
+    assert any(c.property.startswith("model_") for c in plan_cells())  # the default run has both halves
+    layer_only = plan_cells(None, ["linear"], ["float32"])
+    assert layer_only and not any(c.property.startswith("model_") for c in layer_only)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(model_examples(ModelDraw("llama_tied", torch.float32, frozenset({"multi_adapter"}), tied_target=True)))
+def test_model_example_features_cover_every_feature_name(ex):
+    facts = features(ex)
+    assert set(FEATURES) <= set(facts)
+    assert facts["architecture"] == "llama_tied" and facts["tied_target"] and facts["twin_untargeted"]
+    assert compile_condition("tied_target and architecture == 'llama_tied'")(facts)
+
+
+def test_when_line_sets_model_examples_aside():
+    cell = Cell("model_merge_equivalence", "gpt2", "float32")
+    rules = parse_xfails("model_merge_equivalence * * when tied_target  # demo\n")
+    opts = RunOptions(
+        target="reference", profile=PROFILES["ci"], seed=0, max_examples=4, known_bugs=example_rules(rules)
+    )
+    from properties.targets.reference import TARGET
+
+    result = run_cell(TARGET, all_properties()[cell.property], cell, opts)
+    assert result.status == "passed", result.message
+    assert sum(result.known_bug_examples.values()) > 0
+
+
+def test_cli_runs_model_properties_and_writes_reports(tmp_path):
+    out = cli(
+        "run",
+        "--target",
+        "reference",
+        "--properties",
+        "model_merge_equivalence,model_tied_weights",
+        "--layers",
+        "llama_tied",
+        "--dtypes",
+        "bfloat16",
+        "--max-examples",
+        "2",
+        "--report",
+        str(tmp_path),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    cells = {(c["property"], c["layer"], c["dtype"]): c["status"] for c in report["cells"]}
+    assert cells == {
+        ("model_merge_equivalence", "llama_tied", "bfloat16"): "passed",
+        ("model_tied_weights", "llama_tied", "bfloat16"): "passed",
+    }
+    assert "model_tied_weights" in (tmp_path / "report.md").read_text()
+
+
+def test_failing_model_cell_prints_replay_that_reproduces(tmp_path):
+    """A broken model target fails with a replay line; running that line fails the same way."""
+    args = ["--properties", "model_unloaded_is_plain", "--layers", "bert", "--dtypes", "float32"]
+    out = cli("run", "--target", "tests.model_mutants:WRAPPER_LEFT_BEHIND", *args, "--max-examples", "3")
+    assert out.returncode == 1, out.stdout + out.stderr
+    replay = next(line for line in out.stdout.splitlines() if "replay: " in line).split("replay: ", 1)[1]
+    assert "--layers bert" in replay and "model_unloaded_is_plain" in replay
+    again = cli(*replay.split()[1:])
+    assert again.returncode == 1 and "left behind" in again.stdout
