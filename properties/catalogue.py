@@ -174,7 +174,9 @@ def all_properties() -> dict[str, Property]:
     """The catalogue, in a stable order (importing the modules registers them)."""
     # Import order is catalogue order: numbers first, then state changes, switches, dropout.
     from properties.checks import equivalence, state, scaling, dropout  # noqa: F401, I001
+    from properties.quantized.checks import extend_registry
 
+    extend_registry()  # the same properties on quantized bases (properties/quantized)
     return REGISTRY
 
 

@@ -25,7 +25,7 @@ from properties import __version__
 from properties.catalogue import Property, all_properties
 from properties.results import CellResult, RunHeader, RunReport
 from properties.runner import Cell, RunOptions, run_cell
-from properties.spec import DTYPES, LAYER_KINDS
+from properties.spec import DTYPES, LAYER_KINDS, QUANT_KINDS
 from properties.targets.protocol import Target
 from properties.targets.registry import load_target
 from properties.xfails import XfailRule, cell_rules, example_rules, match
@@ -39,7 +39,8 @@ def plan_cells(
 ) -> list[Cell]:
     """Every cell asked for, in catalogue order; ``shard=(i, n)`` keeps a deterministic 1/n of them."""
     catalogue = all_properties()
-    for kind, given, known in (("property", properties, catalogue), ("layer", layers, LAYER_KINDS)):
+    all_layers = LAYER_KINDS + QUANT_KINDS
+    for kind, given, known in (("property", properties, catalogue), ("layer", layers, all_layers)):
         unknown = [g for g in given or () if g not in known]
         if unknown:
             raise ValueError(f"unknown {kind} {', '.join(unknown)}; known: {', '.join(known)}")

@@ -1,0 +1,43 @@
+"""Examples for the quantized layer kinds: a linear example plus the drawn quantization structure.
+
+The LoRA part is drawn exactly as for ``linear`` (shapes down to 1, rank past the smallest dimension,
+alpha, rsLoRA, several adapters, magnitudes, hostile entries), restricted to what quantized LoRA layers
+have; then the quantizer's structure: block size and double quantization (bnb 4-bit). ``spec.weight``
+is the float weight handed to the quantizer; targets report what they stored. An ``overflow`` hostile entry becomes a NaN: quantized merges compute in float32, where
+the suite's overflow construction (tuned to the storage dtype) means nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import strategies as st
+
+from properties.spec import Example, QuantSpec
+from properties.strategies import Draw, examples
+
+LORA_OPTIONS = frozenset({"multi_adapter", "rslora"})
+BNB4_BLOCKS = (32, 64, 128, 256)
+
+
+def quant_structure(kind: str, draw: st.DrawFn) -> QuantSpec:
+    if kind in ("bnb_nf4", "bnb_fp4"):
+        return QuantSpec(kind, 4, draw(st.sampled_from(BNB4_BLOCKS), label="blocksize"), draw(st.booleans()))
+    if kind == "bnb_int8":
+        return QuantSpec(kind, 8)
+    raise ValueError(f"not a quantized layer kind: {kind}")
+
+
+@st.composite
+def quantized_examples(draw: st.DrawFn, d: Draw, hostile: bool = False):
+    """Like ``strategies.examples`` for a quantized kind (``d.kind`` in ``QUANT_KINDS``)."""
+    linear = replace(d, kind="linear", options=d.options & LORA_OPTIONS)
+    drawn = draw(examples(linear, hostile=hostile))
+    q = quant_structure(d.kind, draw)
+    ex, h = drawn if hostile else (drawn, None)
+    ex = Example(replace(ex.spec, quant=q), ex.x)
+    if not hostile:
+        return ex
+    if h.kind == "overflow":
+        h = replace(h, kind="nan")
+    return ex, h
