@@ -172,7 +172,7 @@ class QuantizedReferenceTarget:
             layers=layers,
             dtypes=DTYPES,
             operations=frozenset({"merge", "merge_subset", "safe_merge", "unmerge", "disable", "set_active"}),
-            options=frozenset({"multi_adapter", "rslora"}),
+            options=frozenset({"multi_adapter", "rslora", "quant_blocksize"}),
             notes={**notes, "float64": "quantized layers compute in float32, bfloat16 or float16"},
         )
 
