@@ -61,13 +61,20 @@ def _blocks(qs: QuantState, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
 def grid_distance(qs: QuantState, v: torch.Tensor, block_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Elementwise distance of ``v`` to the nearest point of its block's grid (the stored scales, or
     ``block_scale`` given per block)."""
-    zero = qs.per_element(qs.zero) if qs.zero is not None else 0.0
+    zero = qs.per_element(qs.zero) if qs.zero is not None else torch.zeros(qs.codes.numel(), dtype=F64)
     scale = qs.per_element(qs.scale if block_scale is None else block_scale)
-    grid = (qs.codebook.unsqueeze(0) - (zero.unsqueeze(1) if qs.zero is not None else 0.0)) * scale.unsqueeze(
-        1
-    )
-    flat = v.reshape(-1, 1).to(F64)
-    return (flat - grid).abs().min(dim=1).values.reshape(v.shape)
+    flat = v.reshape(-1).to(F64)
+    book = torch.sort(qs.codebook).values
+    gaps = book[1:] - book[:-1]
+    if book.numel() > 2 and bool((gaps - gaps[0]).abs().max() <= 1e-12 * gaps[0]):
+        # A uniform grid (int8, HQQ): the nearest level directly, without comparing with every code.
+        step = float(gaps.mean())
+        t = (torch.where(scale != 0, flat / scale, torch.zeros_like(flat)) + zero - float(book[0])) / step
+        nearest = t.round().clamp(0, book.numel() - 1)
+        dist = torch.where(scale != 0, (t - nearest).abs() * step * scale.abs(), flat.abs())
+        return dist.reshape(v.shape)
+    grid = (book.unsqueeze(0) - zero.unsqueeze(1)) * scale.unsqueeze(1)
+    return (flat.unsqueeze(1) - grid).abs().min(dim=1).values.reshape(v.shape)
 
 
 def gap_max(codebook: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from properties.spec import Example, QuantSpec
 from properties.strategies import Draw, examples
 
-LORA_OPTIONS = frozenset({"multi_adapter", "rslora"})
+LORA_OPTIONS = frozenset({"multi_adapter", "rslora", "lora_bias"})
 BNB4_BLOCKS = (32, 64, 128, 256)
 
 

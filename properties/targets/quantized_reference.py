@@ -55,6 +55,7 @@ class QuantizedReferenceHandle:
         self.state = quantize(spec, spec.weight.to(F64))
         self.bias = None if spec.base_bias is None else spec.base_bias.to(F64)
         self.factors = {a.name: (a.A.to(F64), a.B.to(F64), a.scaling) for a in spec.adapters}
+        self.lora_bias = {a.name: a.bias.to(F64) for a in spec.adapters if a.bias is not None}
         self.scales = {a.name: 1.0 for a in spec.adapters}
         self.active = list(spec.active_adapters)
         self.enabled = True
@@ -72,6 +73,16 @@ class QuantizedReferenceHandle:
     def combine(self, w: torch.Tensor, delta: torch.Tensor, sign: float) -> torch.Tensor:
         return w + sign * delta
 
+    def bias_delta(self, name: str) -> torch.Tensor | None:
+        """What merging ``name`` adds to the (unquantized) base bias: ``s * b``."""
+        b = self.lora_bias.get(name)
+        return None if b is None else self.factors[name][2] * self.scales[name] * b
+
+    def _move_bias(self, name: str, sign: float) -> None:
+        d = self.bias_delta(name)
+        if d is not None:
+            self.bias = (self.bias + sign * d).to(self.spec.dtype).to(F64)  # stored in the dtype
+
     # -- LayerHandle -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *, train: bool = False, adapter_names: Sequence[str] | None = None):
@@ -86,6 +97,8 @@ class QuantizedReferenceHandle:
                 if name not in self.merged:
                     A, B, s = self.factors[name]
                     y = y + s * self.scales[name] * ((x64 @ A.T) @ B.T)
+                    if name in self.lora_bias:
+                        y = y + self.bias_delta(name)
         return y.to(self.spec.dtype)
 
     def merge(self, *, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
@@ -94,16 +107,20 @@ class QuantizedReferenceHandle:
         ]
         if safe:  # every adapter checked before anything is written
             total = self.state.decode() + sum((self.delta(n) for n in names), torch.zeros(()))
-            if not torch.isfinite(total).all():
+            biases = [b for b in (self.bias_delta(n) for n in names) if b is not None]
+            bias = self.bias + sum(biases) if biases else torch.zeros(())
+            if not (torch.isfinite(total).all() and torch.isfinite(bias).all()):
                 raise ValueError(f"merging {names} gives non-finite weights")
         for name in names:
             self.state = self.requantize(self.combine(self.state.decode(), self.delta(name), +1.0))
+            self._move_bias(name, +1.0)
             self.merged.append(name)
 
     def unmerge(self) -> None:
         while self.merged:
             name = self.merged.pop()
             self.state = self.requantize(self.combine(self.state.decode(), self.delta(name), -1.0))
+            self._move_bias(name, -1.0)
 
     def merged_adapters(self) -> list[str]:
         return list(self.merged)
@@ -141,6 +158,8 @@ class QuantizedReferenceHandle:
     def snapshot(self) -> dict[str, object]:
         snap: dict[str, object] = {k: v.clone() for k, v in self.state.tensors().items()}
         snap["format"] = self.state.format
+        if self.bias is not None:
+            snap["bias"] = self.bias.clone()
         snap["merged"] = list(self.merged)
         snap["active"] = list(self.active)
         snap["enabled"] = self.enabled
@@ -172,7 +191,7 @@ class QuantizedReferenceTarget:
             layers=layers,
             dtypes=DTYPES,
             operations=frozenset({"merge", "merge_subset", "safe_merge", "unmerge", "disable", "set_active"}),
-            options=frozenset({"multi_adapter", "rslora", "quant_blocksize"}),
+            options=frozenset({"multi_adapter", "rslora", "lora_bias", "quant_blocksize"}),
             notes={**notes, "float64": "quantized layers compute in float32, bfloat16 or float16"},
         )
 
