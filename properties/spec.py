@@ -31,7 +31,7 @@ import torch
 LayerKind = Literal["linear", "embedding", "conv1d", "conv2d", "conv3d", "mha"]
 LAYER_KINDS: tuple[LayerKind, ...] = ("linear", "embedding", "conv1d", "conv2d", "conv3d", "mha")
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
-QUANT_KINDS: tuple[str, ...] = ("bnb_int8", "bnb_nf4", "bnb_fp4")
+QUANT_KINDS: tuple[str, ...] = ("bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8")
 """Linear layers on a quantized base (``properties/quantized``): run only when named in ``--layers``."""
 
 DTYPES: dict[str, torch.dtype] = {
@@ -78,7 +78,7 @@ class QuantSpec:
         """Short name for reports, e.g. ``nf4 b64 dq`` or ``int8 per-row``."""
         if self.kind in ("bnb_nf4", "bnb_fp4"):
             return f"{self.kind[4:]} b{self.block}" + (" dq" if self.double_quant else "")
-        return f"{self.kind[4:]} per-row"
+        return f"{self.kind.split('_', 1)[1]} per-row" if self.kind == "bnb_int8" else "torchao int8 per-row"
 
 
 @dataclass(frozen=True, eq=False)

@@ -64,7 +64,7 @@ def _fwd(ctx: Context, qs: QuantState, adapters=None, merged=(), bias_writes: in
 
 def _check_format(ctx: Context, qs: QuantState, stage: str) -> None:
     q = ctx.spec.quant
-    want = {"bnb_int8": "bnb int8 per-row"}.get(q.kind) or (
+    want = {"bnb_int8": "bnb int8 per-row", "torchao_int8": "torchao int8 per-row"}.get(q.kind) or (
         f"bnb {q.kind[4:]} b{q.block}" + (" dq" if q.double_quant else "")
     )
     if qs.format != want or tuple(qs.shape) != tuple(ctx.spec.weight.shape):

@@ -107,7 +107,7 @@ def requant_bound(qs_out: QuantState, v: torch.Tensor, delta: torch.Tensor) -> t
     if qs_out.scale_rule != "absmax":
         return grid_distance(qs_out, v) + 2 * delta
     cmax = float(qs_out.codebook.abs().max())
-    a = _blocks(qs_out, v).abs().max(dim=1).values / cmax
+    a = _blocks(qs_out, v).abs().max(dim=1).values / qs_out.divisor
     dmax = qs_out.per_element(_blocks(qs_out, delta).max(dim=1).values).reshape(v.shape)
     moved = qs_out.per_element((qs_out.scale - a).abs() * cmax).reshape(v.shape)
     return grid_distance(qs_out, v, a) + 2 * delta + 2 * dmax + moved
@@ -131,9 +131,9 @@ def scale_expected(qs_out: QuantState, v: torch.Tensor, delta: torch.Tensor) -> 
     """The scale a correct absmax quantizer stores for ``v`` (None for optimised scales)."""
     if qs_out.scale_rule != "absmax":
         return None
-    cmax = float(qs_out.codebook.abs().max())
-    absmax = _blocks(qs_out, v).abs().max(dim=1).values / cmax
-    slack = _blocks(qs_out, delta).max(dim=1).values / cmax
+    div = qs_out.divisor
+    absmax = _blocks(qs_out, v).abs().max(dim=1).values / div
+    slack = _blocks(qs_out, delta).max(dim=1).values / div
     bound = slack + _dq_term(qs_out, absmax) + 2 * U32 * absmax
     return Expected(absmax, bound, absmax)
 
@@ -153,7 +153,7 @@ def chain_term(
         total = total + oracle.lora_delta(spec, spec.adapter(n), magnitude=True)
     cmax = float(qs_in.codebook.abs().max())
     if qs_in.scale_rule == "absmax":
-        s = _blocks(qs_in, total).max(dim=1).values / cmax
+        s = _blocks(qs_in, total).max(dim=1).values / qs_in.divisor
         s = s * (1.0 + 2 * (gap_max(qs_in.scale_codebook) if qs_in.scale_codebook is not None else 0.0))
     else:  # an affine grid spanning at most [-S, S] in 2^b - 1 steps
         s = 2 * _blocks(qs_in, total).max(dim=1).values / max(cmax, 1.0)

@@ -40,6 +40,11 @@ class QuantState:
     scale_codebook: torch.Tensor | None = None
     scale_block: int = 256
     input_roundoff: float = 2.0**-24
+    scale_divisor: float | None = None  # absmax rule: scale = absmax / this (default max|codebook|)
+
+    @property
+    def divisor(self) -> float:
+        return self.scale_divisor if self.scale_divisor is not None else float(self.codebook.abs().max())
 
     @property
     def n_blocks(self) -> int:

@@ -27,7 +27,7 @@ def quant_structure(kind: str, draw: st.DrawFn, options: frozenset[str]) -> Quan
     if kind in ("bnb_nf4", "bnb_fp4"):
         block = draw(st.sampled_from(BNB4_BLOCKS), label="blocksize") if "quant_blocksize" in options else 64
         return QuantSpec(kind, 4, block, draw(st.booleans(), label="double_quant"))
-    if kind == "bnb_int8":
+    if kind in ("bnb_int8", "torchao_int8"):
         return QuantSpec(kind, 8)
     raise ValueError(f"not a quantized layer kind: {kind}")
 

@@ -1,5 +1,8 @@
 """PEFT's quantized LoRA layers, reached the way users reach them.
 
+torchao: the same one-layer model loaded with ``TorchAoConfig(Int8WeightOnlyConfig())``, which attaches
+the re-quantization function PEFT's ``TorchaoLoraLinear`` needs to merge.
+
 bitsandbytes: a one-layer ``transformers`` model is loaded with ``from_pretrained(None, config=...,
 state_dict=..., quantization_config=BitsAndBytesConfig(...), device_map="cpu")`` (in memory, no files),
 then ``get_peft_model``: PEFT picks ``lora.Linear8bitLt`` / ``lora.Linear4bit`` from the model's
@@ -36,6 +39,14 @@ def available() -> tuple[frozenset[str], dict[str, str]]:
         why = f"needs bitsandbytes and transformers ({e}); pip install 'lora-conformance[quant]'"
         return frozenset(), {k: why for k in QUANT_KINDS}
     kinds = set()
+    try:
+        import torchao.quantization  # noqa: F401
+        from peft.tuners.lora import torchao as peft_torchao  # noqa: F401
+        from transformers import TorchAoConfig  # noqa: F401
+
+        kinds.add("torchao_int8")
+    except ImportError as e:
+        notes["torchao_int8"] = f"needs torchao, transformers' TorchAoConfig and peft's torchao LoRA ({e})"
     for kind, cls in (("bnb_int8", "Linear8bitLt"), ("bnb_nf4", "Linear4bit"), ("bnb_fp4", "Linear4bit")):
         if hasattr(peft_bnb, cls):
             kinds.add(kind)
@@ -84,9 +95,14 @@ def _model_class() -> type:
 
 
 def _quantization_config(spec: LayerSpec) -> Any:
+    q = spec.quant
+    if q.kind == "torchao_int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
     from transformers import BitsAndBytesConfig
 
-    q = spec.quant
     if q.kind == "bnb_int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -101,7 +117,11 @@ def load_quantized_model(spec: LayerSpec) -> nn.Module:
     """The one-layer model with ``spec``'s weights, loaded through transformers with the spec's
     quantization config (what a user's ``from_pretrained(..., quantization_config=...)`` does)."""
     q = spec.quant
-    if q.kind != "bnb_int8" and q.block != BNB4_DEFAULT_BLOCK:
+    if q.kind == "torchao_int8":
+        from properties.targets._torchao_state import check_shape
+
+        check_shape(tuple(spec.weight.shape))
+    if q.kind in ("bnb_nf4", "bnb_fp4") and q.block != BNB4_DEFAULT_BLOCK:
         raise Unsupported(
             f"transformers' BitsAndBytesConfig has no block size (bnb's {BNB4_DEFAULT_BLOCK} only)"
         )
@@ -125,11 +145,14 @@ def load_quantized_model(spec: LayerSpec) -> nn.Module:
 
 
 def quant_state_of(base: nn.Module) -> QuantState:
-    """The bnb layer's stored codes and scales in canonical form."""
+    """The bnb (or torchao) layer's stored codes and scales in canonical form."""
     from properties.targets._bnb_state import bnb4_state, bnb8_state
+    from properties.targets._torchao_state import torchao_int8_state
 
     w = base.weight
     kind = type(w).__name__
+    if kind == "Int8Tensor":
+        return torchao_int8_state(w)
     if kind == "Params4bit":
         return bnb4_state(w.data, w.quant_state)
     if kind == "Int8Params":

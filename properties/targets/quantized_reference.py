@@ -1,7 +1,8 @@
-"""A quantized LoRA layer of our own, on bitsandbytes' own quantizer, with exact merges.
+"""A quantized LoRA layer of our own, on the library's own quantizer, with exact merges.
 
 The base weight is quantized by bitsandbytes (``quantize_4bit`` / ``int8_vectorwise_quant``, the
-functions its ``Params4bit`` / ``Int8Params`` call). Everything between dequantize and quantize is
+functions its ``Params4bit`` / ``Int8Params`` call) or torchao (``quantize_`` with
+``Int8WeightOnlyConfig``). Everything between dequantize and quantize is
 exact float64: ``V = D(Wq) ± s B A``, checked for finiteness *before* anything is written when the
 merge is safe, then handed to the same quantizer (as float32; float16 for 8-bit, as bnb does). Its
 forward is the float64 answer on the decoded weight, rounded once. It shows that a correct quantized
@@ -34,8 +35,12 @@ def quantize(spec: LayerSpec, v: torch.Tensor) -> QuantState:
     """bitsandbytes' quantizer applied to ``v`` (float64), in canonical form."""
     from properties.targets._bnb_state import bnb4_state, bnb8_state
 
-    bf = _bnb()
     q = spec.quant
+    if q.kind == "torchao_int8":
+        from properties.targets._torchao_state import quantize_int8
+
+        return quantize_int8(v, spec.dtype)
+    bf = _bnb()
     if q.kind == "bnb_int8":
         codes, scb, _ = bf.int8_vectorwise_quant(v.to(torch.float16))
         return bnb8_state(codes, scb)
@@ -182,13 +187,20 @@ class QuantizedReferenceTarget:
             return "bitsandbytes missing"
 
     def capabilities(self) -> Capabilities:
+        layers, notes = set(), {}
         try:
             _bnb()
-            layers, notes = frozenset(QUANT_KINDS), {}
+            layers |= {k for k in QUANT_KINDS if k.startswith("bnb_")}
         except Unsupported as e:
-            layers, notes = frozenset(), {k: str(e) for k in QUANT_KINDS}
+            notes.update({k: str(e) for k in QUANT_KINDS if k.startswith("bnb_")})
+        try:
+            import torchao.quantization  # noqa: F401
+
+            layers.add("torchao_int8")
+        except ImportError as e:
+            notes["torchao_int8"] = f"torchao is not installed ({e})"
         return Capabilities(
-            layers=layers,
+            layers=frozenset(layers),
             dtypes=DTYPES,
             operations=frozenset({"merge", "merge_subset", "safe_merge", "unmerge", "disable", "set_active"}),
             options=frozenset({"multi_adapter", "rslora", "lora_bias", "quant_blocksize"}),
