@@ -146,6 +146,7 @@ def _cycle(ctx: Context, h, qs: QuantState, names, i: int) -> tuple[QuantState, 
     on how far this cycle may move the decoded weights."""
     h.merge()
     qs1 = _state(ctx, h)
+    _check_format(ctx, qs1, f"cycle {i} merged")
     wexp, scales, b1 = model.merged_weight_expected(ctx.spec, qs, qs1, names, ctx.arith)
     _check_requant(ctx, qs1, wexp, scales, f"cycle {i} merge")
     h.unmerge()
@@ -277,6 +278,7 @@ def merge_subset(ctx: Context) -> None:
     if sorted(h.merged_adapters()) != sorted(subset):
         raise PropertyFailure(f"merged_adapters = {h.merged_adapters()}, asked to merge {subset}")
     qs1 = _state(ctx, h)
+    _check_format(ctx, qs1, "merged")
     wexp, scales, wbound = model.merged_weight_expected(ctx.spec, qs0, qs1, h.merged_adapters(), ctx.arith)
     _check_requant(ctx, qs1, wexp, scales, f"weights after merging {subset}")
     rest = [n for n in ctx.spec.active_adapters if n not in subset]
@@ -296,11 +298,13 @@ def disable_exact(ctx: Context) -> None:
         return
     h.merge()
     qs1 = _state(ctx, h)
+    _check_format(ctx, qs1, "merged")
     _, _, b1 = model.merged_weight_expected(spec, qs0, qs1, spec.active_adapters, ctx.arith)
     h.set_enabled(False)
     y = h.forward(x)
     # The adapters must come back out of the weights: within one merge -> unmerge of the stored codes.
     qs2 = _state(ctx, h)
+    _check_format(ctx, qs2, "disabled after merge")
     _, b2 = model.unmerged_weight_expected(spec, qs1, qs2, spec.active_adapters, ctx.arith)
     base = _fwd(ctx, qs0, adapters=[], bias_writes=2 * len(spec.active_adapters))
     slack = model.weight_effect(x, b1 + b2)

@@ -187,7 +187,13 @@ def make_handle_class(base_handle: type) -> type:
                 self.layer.merge(safe_merge=safe, adapter_names=names)
 
         def snapshot(self) -> dict[str, object]:
-            snap = super().snapshot()
+            # Quantized tensor subclasses (torchao's Int8Tensor) cannot be compared bit for bit; their
+            # codes and scales come in through quant_state().
+            snap = {
+                k: v
+                for k, v in super().snapshot().items()
+                if not isinstance(v, torch.Tensor) or type(v) in (torch.Tensor, nn.Parameter)
+            }
             snap.update({k: v.clone() for k, v in self.quant_state().tensors().items()})
             return snap
 
