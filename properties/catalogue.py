@@ -208,7 +208,9 @@ def all_properties() -> dict[str, Property]:
     # Import order is catalogue order: numbers first, then state changes, switches, dropout.
     from properties.checks import equivalence, state, scaling, dropout  # noqa: F401, I001
     from properties.models import checks  # noqa: F401  (the model half: property x architecture x dtype)
+    from properties.quantized.checks import extend_registry
 
+    extend_registry()  # the same properties on quantized bases (properties/quantized)
     return REGISTRY
 
 

@@ -21,7 +21,7 @@ from properties import __version__
 from properties.catalogue import Property, all_properties
 from properties.results import CellResult, RunHeader, RunReport
 from properties.runner import Cell, RunOptions, run_cell
-from properties.spec import DTYPES, LAYER_KINDS
+from properties.spec import DTYPES, LAYER_KINDS, QUANT_KINDS
 from properties.targets.protocol import Target
 from properties.targets.registry import load_target
 from properties.workers import WorkerPool
@@ -38,8 +38,12 @@ def plan_cells(
     catalogue = all_properties()
     if properties:  # globs select by pattern: --properties 'model_*' is the model half
         properties = [m for p in properties for m in (fnmatch.filter(catalogue, p) if _glob(p) else [p])]
-    # Layer kinds, then the kinds only some properties have (the model half's architectures).
-    kinds = list(dict.fromkeys([*LAYER_KINDS, *(k for p in catalogue.values() for k in p.layers)]))
+    # Layer kinds, the quantized kinds, then the kinds only some properties have (the model half's
+    # architectures). Quantized kinds run only when asked for (--layers): they need a quantizer.
+    kinds = list(
+        dict.fromkeys([*LAYER_KINDS, *QUANT_KINDS, *(k for p in catalogue.values() for k in p.layers)])
+    )
+    default_kinds = [k for k in kinds if k not in QUANT_KINDS]
     for kind, given, known in (("property", properties, catalogue), ("layer", layers, kinds)):
         unknown = [g for g in given or () if g not in known]
         if unknown:
@@ -50,7 +54,7 @@ def plan_cells(
     cells = [
         Cell(p, layer, d)
         for p in (properties or list(catalogue))
-        for layer in (layers or kinds)
+        for layer in (layers or default_kinds)
         for d in (dtypes or list(DTYPES))
         if layer in catalogue[p].layers
     ]

@@ -31,6 +31,8 @@ import torch
 LayerKind = Literal["linear", "embedding", "conv1d", "conv2d", "conv3d", "mha"]
 LAYER_KINDS: tuple[LayerKind, ...] = ("linear", "embedding", "conv1d", "conv2d", "conv3d", "mha")
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
+QUANT_KINDS: tuple[str, ...] = ("bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8")
+"""Linear layers on a quantized base (``properties/quantized``): run only when named in ``--layers``."""
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -57,6 +59,26 @@ class ConvOptions:
     dilation: tuple[int, ...]
     groups: int = 1
     padding_mode: str = "zeros"  # zeros | reflect | replicate | circular
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the base weight of a quantized linear layer is stored (``kind`` is one of ``QUANT_KINDS``).
+
+    ``block``: elements per scale (bnb 4-bit blocksize; 0 = one scale per output row); ``bits``: code
+    width; ``double_quant``: bnb's 8-bit coding of the 4-bit block scales."""
+
+    kind: str
+    bits: int
+    block: int = 0
+    double_quant: bool = False
+
+    @property
+    def label(self) -> str:
+        """Short name for reports, e.g. ``nf4 b64 dq`` or ``int8 per-row``."""
+        if self.kind in ("bnb_nf4", "bnb_fp4"):
+            return f"{self.kind[4:]} b{self.block}" + (" dq" if self.double_quant else "")
+        return f"{self.kind.split('_', 1)[1]} per-row" if self.kind == "bnb_int8" else "torchao int8 per-row"
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +126,7 @@ class LayerSpec:
     device: str = "cpu"
     seed: int = 0  # seeds torch before train-mode forwards so dropout masks replay
     active: tuple[str, ...] = field(default=())  # active adapters; empty means all, in order
+    quant: QuantSpec | None = None  # kind "linear" on a quantized base (``weight`` is the input to quantize)
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -199,4 +222,6 @@ class Example:
             )
         if s.active:
             lines.append(f"active={list(s.active)}")
+        if s.quant is not None:
+            lines.append(f"quant={s.quant}")
         return "\n".join(lines)

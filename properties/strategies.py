@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from hypothesis import strategies as st
 
-from properties.spec import AdapterSpec, ConvOptions, Example, LayerKind, LayerSpec
+from properties.spec import QUANT_KINDS, AdapterSpec, ConvOptions, Example, LayerKind, LayerSpec
 
 ADAPTER_NAMES = ("default", "other", "third")
 DROPOUT_RATES = (1e-3, 0.1, 0.5, 0.9)
@@ -114,6 +114,10 @@ def _conv_geometry(draw: st.DrawFn, nd: int, options: frozenset[str]) -> tuple[C
 def examples(draw: st.DrawFn, d: Draw, hostile: bool = False) -> Example | tuple[Example, Hostile]:
     """An :class:`Example` for one cell; with ``hostile=True`` the clean example and a :class:`Hostile`
     to plant in it (the property needs both: the clean spec is its control)."""
+    if d.kind in QUANT_KINDS:  # a linear example on a quantized base (properties/quantized)
+        from properties.quantized.strategies import quantized_examples
+
+        return draw(quantized_examples(d, hostile))
     opts = d.options
     lo, hi = _exp_range(d.dtype, d.kind)
     scale = {t: 2.0 ** draw(_ints(lo, hi), label=f"log2|{t}|") for t in ("x", "W", "A", "B")}

@@ -39,7 +39,13 @@ def encode_floats(obj: Any) -> Any:
 
 def to_json_obj(report: RunReport) -> dict[str, Any]:
     """The JSON document for ``report`` (plain dicts / lists, non-finite floats as strings)."""
-    return encode_floats(report.to_json())
+    from properties.quantized import tolerance as quantized
+
+    doc = report.to_json()
+    q = quantized.rows(report)
+    if q:  # derived from the cells' samples; readers ignore it
+        doc["quantized_merge_tolerances"] = q
+    return encode_floats(doc)
 
 
 def write_json(report: RunReport, path: str | os.PathLike[str]) -> Path:

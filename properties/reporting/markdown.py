@@ -43,6 +43,11 @@ def render_markdown(report: RunReport) -> str:
     if tol.rows:
         title = "Tolerances for comparing merged and unmerged outputs with torch.testing.assert_close"
         out += _details(title, table_md(tol), TOLERANCE_NOTE)
+    from properties.quantized import tolerance as quantized
+
+    qtol = quantized.table(report)
+    if qtol.rows:
+        out += _details("Quantized merges: output change caused by merging", table_md(qtol), quantized.NOTE)
     out += _details("Run details", table_md(_facts_table(report)), "")
     return "\n".join(out).strip() + "\n"
 

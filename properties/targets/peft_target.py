@@ -312,6 +312,11 @@ class PeftTarget:
             else:
                 notes[kind] = f"peft {v}: {why}"
 
+        from properties.targets import peft_quantized
+
+        quantized, why = peft_quantized.available()  # bitsandbytes layers through transformers
+        layers |= quantized
+        notes.update(why)
         ops = set(OPERATIONS)
         notes["exact_unmerge"] = f"peft {v}: unmerge subtracts the delta in floating point; not bit-exact"
         ops.discard("exact_unmerge")
@@ -379,6 +384,8 @@ class PeftTarget:
     def build(self, spec: LayerSpec) -> PeftHandle:
         peft = _peft()
         v = self.version()
+        if spec.quant is not None:
+            return self._build_quantized(spec)
         if spec.kind not in self._capabilities.layers:
             raise Unsupported(self._capabilities.notes.get(spec.kind, f"peft {v}: no {spec.kind} layers"))
         if spec.fan_in_fan_out and spec.kind != "linear":
@@ -394,6 +401,33 @@ class PeftTarget:
         for a in spec.adapters:
             self._load(spec, layer, a, v)
         handle = PeftHandle(spec, model, layer, v)
+        handle.set_active(spec.active_adapters)
+        model.eval()
+        return handle
+
+    def _build_quantized(self, spec: LayerSpec) -> PeftHandle:
+        """A quantized base, loaded through transformers with its quantization config
+        (``peft_quantized``), then ``get_peft_model`` as for any other layer."""
+        from properties.targets import peft_quantized
+
+        v = self.version()
+        if spec.quant.kind not in self._capabilities.layers:
+            raise Unsupported(
+                self._capabilities.notes.get(spec.quant.kind, f"peft {v}: no {spec.quant.kind}")
+            )
+        if spec.dtype not in peft_quantized.COMPUTE_DTYPES:
+            raise Unsupported(f"quantized layers compute in float32, bfloat16 or float16, not {spec.dtype}")
+        first, *rest = spec.adapters
+        with _translated(v, f"building {spec.quant.kind}", everything=True):
+            model = _peft().get_peft_model(
+                peft_quantized.load_quantized_model(spec), self._config(spec, first), adapter_name=first.name
+            )
+            for a in rest:
+                model.add_adapter(a.name, self._config(spec, a))
+        layer = model.get_base_model().layer
+        for a in spec.adapters:
+            self._load(spec, layer, a, v)
+        handle = peft_quantized.make_handle_class(PeftHandle)(spec, model, layer, v)
         handle.set_active(spec.active_adapters)
         model.eval()
         return handle

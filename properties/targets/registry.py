@@ -10,6 +10,7 @@ from properties.targets.protocol import Target
 
 BUILTIN = {
     "reference": "properties.targets.reference:TARGET",
+    "quantized-reference": "properties.targets.quantized_reference:TARGET",
     "peft": "properties.targets.peft_target:TARGET",
     "loralib": "properties.targets.loralib_target:TARGET",
     "torchtune": "properties.targets.torchtune_target:TARGET",

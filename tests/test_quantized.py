@@ -1,0 +1,147 @@
+"""Quantized bases: the model holds for a correct quantized merge and catches broken ones.
+
+Needs bitsandbytes (the ``quant`` extra; ``.ci/run`` installs it). The quantized reference
+(``properties/targets/quantized_reference.py``: bnb's own quantizer, exact float64 between dequantize
+and quantize) must pass every quantized property; each mutant in ``tests/quant_mutants.py`` must fail
+its cell with a shrunk example and a replay command.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from properties.catalogue import all_properties  # noqa: E402
+from properties.profiles import PROFILES  # noqa: E402
+from properties.quantized import model, tolerance  # noqa: E402
+from properties.quantized.checks import QUANTIZED  # noqa: E402
+from properties.results import CellResult, RunHeader, RunReport, Sample  # noqa: E402
+from properties.runner import Cell, RunOptions, run_cell  # noqa: E402
+from properties.spec import LayerSpec, QuantSpec  # noqa: E402
+from properties.targets.quantized_reference import TARGET, quantize  # noqa: E402
+from tests.quant_mutants import QUANT_MUTANTS  # noqa: E402
+
+PROPS = all_properties()
+
+
+def _run(target, cell: Cell, max_examples: int | None = 6) -> CellResult:
+    opts = RunOptions(target=target.name, profile=PROFILES["ci"], seed=0, max_examples=max_examples)
+    return run_cell(target, PROPS[cell.property], cell, opts)
+
+
+REFERENCE_CELLS = [
+    Cell(p, layer, dtype)
+    for p in QUANTIZED
+    for layer, dtype in (("bnb_nf4", "float32"), ("bnb_fp4", "bfloat16"), ("bnb_int8", "float32"))
+]
+
+
+@pytest.mark.parametrize("cell", REFERENCE_CELLS, ids=str)
+def test_quantized_reference_passes(cell: Cell) -> None:
+    result = _run(TARGET, cell)
+    assert result.status == "passed", f"{cell}: {result.status}: {result.message}\n{result.example}"
+    assert result.examples > 0
+    assert result.max_ratio is None or result.max_ratio <= 1.0  # state-only properties record no ratio
+
+
+@pytest.mark.parametrize("mutant", list(QUANT_MUTANTS.values()), ids=lambda m: m.name)
+def test_quantized_mutant_is_caught(mutant) -> None:
+    target = mutant.target()
+    result = _run(target, Cell(mutant.property, mutant.layer, mutant.dtype), mutant.max_examples or 12)
+    assert result.status == "failed", f"{mutant.name} -> {result.status}: {result.message}"
+    assert result.example and f"kind='{mutant.layer}'" in result.example
+    assert result.replay and f"--layers {mutant.layer}" in result.replay
+
+
+def _spec(kind: str, shape=(8, 24), block: int = 32, dq: bool = True, seed: int = 0) -> LayerSpec:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64).to(torch.float32)
+    q = QuantSpec(kind, 8 if kind == "bnb_int8" else 4, 0 if kind == "bnb_int8" else block, dq)
+    return LayerSpec("linear", torch.float32, w, (), quant=q)
+
+
+@pytest.mark.parametrize("kind", ["bnb_nf4", "bnb_fp4", "bnb_int8"])
+def test_decode_matches_bitsandbytes(kind: str) -> None:
+    """The canonical decode of the stored codes equals bnb's own dequantize (up to its float32)."""
+    import bitsandbytes.functional as bf
+
+    spec = _spec(kind, dq=True)
+    qs = quantize(spec, spec.weight.to(torch.float64))
+    if kind == "bnb_int8":
+        q, s, _ = bf.int8_vectorwise_quant(spec.weight.to(torch.float16))
+        theirs = bf.int8_vectorwise_dequant(q, s)
+    else:
+        p, st = bf.quantize_4bit(spec.weight, blocksize=32, quant_type=kind[4:], compress_statistics=True)
+        theirs = bf.dequantize_4bit(p, st)
+    torch.testing.assert_close(qs.decode(), theirs.to(torch.float64), rtol=4 * 2**-24, atol=0.0)
+
+
+@pytest.mark.parametrize("kind", ["bnb_nf4", "bnb_fp4", "bnb_int8"])
+@pytest.mark.parametrize("dq", [False, True])
+def test_requant_bound_holds_and_is_tight(kind: str, dq: bool) -> None:
+    """bnb's quantizer lands within the bound; the bound is nearly attained (ratio close to 1);
+    a code one step off (or an old scale) breaks it."""
+    spec = _spec(kind, dq=dq, seed=3)
+    v = spec.weight.to(torch.float64) * 1.37
+    qs = quantize(spec, v)
+    delta = (qs.input_roundoff + 3 * model.U32) * v.abs()
+    err = (qs.decode() - v).abs()
+    bound = model.requant_bound(qs, v, delta)
+    assert (err <= bound).all()
+    assert float((err / bound).max()) > 0.5
+    scales = model.scale_expected(qs, v, delta)
+    assert ((qs.scale - scales.exact).abs() <= scales.bound).all()
+    stale = quantize(spec, spec.weight.to(torch.float64))  # the old scales
+    assert ((stale.scale - scales.exact).abs() > scales.bound).any()
+
+
+def test_cycle_bound_grows_linearly() -> None:
+    """n merge/unmerge cycles: each requantization adds its own bound (the model's claim); the
+    measured drift of bnb's quantizer stays far below n steps (it settles on a fixed point)."""
+    spec = _spec("bnb_nf4", shape=(4, 64), dq=False, seed=5)
+    qs0 = quantize(spec, spec.weight.to(torch.float64))
+    d = 0.05 * torch.randn((4, 64), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    qs, drift = qs0, []
+    for _ in range(10):
+        qs = quantize(spec, quantize(spec, qs.decode() + d).decode() - d)
+        drift.append(float((qs.decode() - qs0.decode()).abs().max()))
+    step = model.gap_max(qs0.codebook) * float(qs0.scale.max())
+    assert drift[-1] <= 10 * 2 * step
+    assert max(drift) > 0  # requantizing twice is not exact
+
+
+def test_tolerance_rows() -> None:
+    s = Sample(0.5, math.nan, 8, 2, "merge shift [nf4 b64]", error=0.1, bound=0.2, reference=0.5)
+    cell = CellResult("merge_equivalence", "bnb_nf4", "float32", "passed", samples=[s])
+    header = RunHeader(**{f: None for f in RunHeader.__dataclass_fields__})
+    rows = tolerance.rows(RunReport(header, [cell]))
+    assert rows == [
+        {
+            "quantizer": "nf4 b64",
+            "dtype": "float32",
+            "examples": 1,
+            "max_shift": 0.1,
+            "max_shift_over_lora": 0.2,
+            "median_shift_over_lora": 0.2,
+            "max_bound": 0.2,
+            "max_ratio": 0.5,
+        }
+    ]
+
+
+PEFT_CELLS = [Cell(p, "bnb_nf4", "float32") for p in ("reference_forward", "merge_equivalence")]
+
+
+@pytest.mark.parametrize("cell", PEFT_CELLS, ids=str)
+def test_peft_quantized_cells_pass(cell: Cell) -> None:
+    """PEFT's Linear4bit, reached through transformers' BitsAndBytesConfig, passes the model."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from properties.targets.peft_target import TARGET as PEFT
+
+    result = _run(PEFT, cell, 4)
+    assert result.status == "passed", f"{cell}: {result.status}: {result.message}"
