@@ -84,6 +84,15 @@ print("@@REPRO@@" + json.dumps(out))
 """
 
 
+def _installed_peft() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def repro(versions: list[str], json_path: str | None, only: str = "*") -> int:
     """Run each PEFT repro script (``only``: a glob on its name) in each release's env; print the matrix
     (and merge it into a JSON file)."""
@@ -91,6 +100,8 @@ def repro(versions: list[str], json_path: str | None, only: str = "*") -> int:
     rows: dict[str, dict[str, dict[str, str]]] = {s.stem: {} for s in scripts}
     for v in versions:
         python = _venv.python_of(peft_envs.env_dir(v))
+        if not python.exists() and _installed_peft() == v:
+            python = Path(sys.executable)  # this interpreter has that very release
         if not python.exists():
             print(f"peft {v}: no env (python scripts/peft_envs.py create {v})", file=sys.stderr)
             continue

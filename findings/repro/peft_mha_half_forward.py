@@ -1,8 +1,10 @@
-"""A LoRA MultiheadAttention in bfloat16 or float16 cannot run its forward (PEFT 0.15).
+"""A LoRA MultiheadAttention in bfloat16 or float16 cannot run its forward, and a merge leaves its
+in-projection weight in float32 (PEFT 0.15).
 
 ``nn.MultiheadAttention(dtype=bfloat16)`` with a LoRA adapter (PEFT's default ``autocast_adapter_dtype``
 keeps the adapter in float32) must run in the base layer's dtype, as every other LoRA layer does. PEFT
-0.15 raises ``expected scalar type BFloat16 but found Float``. Exit status 1 when a forward raises.
+0.15 raises ``expected scalar type BFloat16 but found Float``, and ``merge()`` turns ``in_proj_weight`` into
+float32. Exit status 1 when a forward raises or a merge changes the dtype.
 """
 
 import sys
@@ -39,9 +41,15 @@ for dtype in (torch.bfloat16, torch.float16):
     except RuntimeError as e:
         print(f"  {dtype}: forward raised RuntimeError: {str(e).splitlines()[0][:90]}")
         bad.append(str(dtype))
+    layer = model.get_base_model().layer
+    layer.merge()
+    merged = layer.get_base_layer().in_proj_weight.dtype
+    print(f"  {dtype}: in_proj_weight after merge: {merged}")
+    if merged != dtype:
+        bad.append(f"{dtype} merge")
 ok = not bad
 print(
-    f"peft {peft.__version__}: {'OK' if ok else 'FAIL'}: half-precision LoRA MHA forward"
+    f"peft {peft.__version__}: {'OK' if ok else 'FAIL'}: half-precision LoRA MHA forward and merge"
     + ("" if ok else f" raises for {', '.join(bad)}")
 )
 sys.exit(0 if ok else 1)
