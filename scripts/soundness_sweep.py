@@ -57,7 +57,10 @@ def run_one(profile: str, seed: int, jobs: int, extra: list[str]) -> dict:
         if not report_path.exists():
             return {"profile": profile, "seed": seed, "error": proc.stderr[-2000:], "seconds": seconds}
         report = json.loads(report_path.read_text())
-    return summarize(report, profile, seed, seconds, proc.returncode)
+    record = summarize(report, profile, seed, seconds, proc.returncode)
+    if extra:
+        record["extra_args"] = extra
+    return record
 
 
 def _num(v) -> float | None:
@@ -104,11 +107,17 @@ def summarize(report: dict, profile: str, seed: int, seconds: float, rc: int) ->
     }
 
 
+def _label(record: dict) -> str:
+    """The profile, with the run's extra CLI arguments when it covered part of the matrix."""
+    extra = record.get("extra_args")
+    return record["profile"] + (f" ({' '.join(extra)})" if extra else "")
+
+
 def totals(records: list[dict]) -> dict:
     """The sweep in one line per profile."""
     out = {}
-    for profile in sorted({r["profile"] for r in records}):
-        rs = [r for r in records if r["profile"] == profile and "error" not in r]
+    for profile in sorted({_label(r) for r in records}):
+        rs = [r for r in records if _label(r) == profile and "error" not in r]
         by_dtype: dict[str, float] = {}
         for r in rs:
             for d, v in r["worst_ratio_by_dtype"].items():
@@ -124,7 +133,7 @@ def totals(records: list[dict]) -> dict:
             "max_bias_z": max((r["max_bias_z"] for r in rs), default=None),
             "out_of_range_examples": sum(r["out_of_range_examples"] for r in rs),
             "seconds": round(sum(r["seconds"] for r in rs), 1),
-            "failed_to_run": [r["seed"] for r in records if r["profile"] == profile and "error" in r],
+            "failed_to_run": [r["seed"] for r in records if _label(r) == profile and "error" in r],
         }
     return out
 
@@ -191,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render_only:
         i, n = (int(p) for p in args.shard.split("/"))
         todo = runs(args.ci_seeds, args.thorough_seeds, args.first_seed)[i - 1 :: n]
-        done = {(r["profile"], r["seed"]) for r in data["runs"] if "error" not in r}
+        done = {
+            (r["profile"], r["seed"]) for r in data["runs"] if "error" not in r and not r.get("extra_args")
+        }
         data["command"] = "python scripts/soundness_sweep.py " + " ".join(argv or sys.argv[1:])
         for profile, seed in todo:
             if (profile, seed) in done:

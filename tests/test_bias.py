@@ -111,3 +111,30 @@ def test_reference_shows_no_bias(prop: str, layer: str) -> None:
         result = _cell(TARGET, prop, dtype, layer, seed=5, n=30)
         assert result.status == "passed", f"{dtype}: {result.message}"
         assert result.bias and result.max_bias_z <= bias.Z_THRESHOLD
+
+
+def test_bias_and_out_of_range_reach_the_reports() -> None:
+    """report.json round-trips both per-cell fields; report.md shows the bias next to the worst ratio
+    and the examples set aside, with their reason."""
+    from properties.reporting.json_report import to_json_obj
+    from properties.reporting.markdown import render_markdown
+    from properties.results import CellResult, RunHeader, RunReport, Sample
+
+    header = RunHeader(
+        "0.1.0", "reference", "0.1.0", "2.13.0", "3.11", "linux", "cpu", {}, "ci", 0, None, "t"
+    )
+    cell = CellResult("reference_delta", "linear", "float16", "passed", examples=12)
+    cell.samples = [Sample(0.25, 1.0, 8, 2, "delta default[weight]")]
+    cell.summarize()
+    cell.bias = {
+        "delta": {"z": 1.5, "eps": 1e-5, "candidate": "round(s B A)", "blocks": 900, "comparisons": 14}
+    }
+    cell.max_bias_z = 1.5
+    cell.out_of_range_examples = {"q k^T may exceed the float16 range": 2}
+    report = RunReport(header, [cell])
+    back = RunReport.from_json(to_json_obj(report))
+    assert back.cells[0].bias == cell.bias and back.cells[0].max_bias_z == 1.5
+    assert back.cells[0].out_of_range_examples == cell.out_of_range_examples
+    md = render_markdown(report)
+    assert "| ratio max | bias \\|z\\| |" in md and "| 0.25 | 1.5 |" in md
+    assert "Examples outside the claim (2)" in md and "q k^T may exceed the float16 range" in md

@@ -53,7 +53,9 @@ def render_markdown(report: RunReport) -> str:
 
 
 _STATS_NOTE = (
-    "ratio = error / bound (≤ 1 passes); err_u = error in units of u·M (u: unit roundoff, M: magnitude "
+    "ratio = error / bound (≤ 1 passes); bias |z| = the bias test over the cell's examples (a "
+    "systematic lean of the errors along the LoRA delta; it fires above 5.64, false-alarm rate ≤ 1e-6 "
+    "per example); err_u = error in units of u·M (u: unit roundoff, M: magnitude "
     "bound). Rounding errors usually grow like √K; err_u far above √K while the ratio passes hints at "
     "reduced precision (e.g. TF32) being on."
 )
