@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -73,6 +74,27 @@ class TimedTarget:
     def build(self, spec):
         return _TimedHandle(self._clock.timed(self._inner.build)(spec), self._clock)
 
+    @property
+    def model_target(self) -> TimedTarget:
+        """The model half (``properties.models``), timed the same way."""
+        from properties.models.protocol import model_target_for
+
+        return TimedTarget(model_target_for(self._inner), self._clock)
+
+    def __getattr__(self, name: str):
+        """A model target's other entry points (``build_base``, ``load_adapter``, ``load_merged``)."""
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any):
+            out = self._clock.timed(attr)(*args, **kwargs)
+            if isinstance(out, tuple):
+                return tuple(_TimedHandle(o, self._clock) if hasattr(o, "outputs") else o for o in out)
+            return _TimedHandle(out, self._clock) if hasattr(out, "outputs") else out
+
+        return call
+
 
 _ORACLE_MODULES = (
     "properties.oracle",
@@ -82,6 +104,8 @@ _ORACLE_MODULES = (
     "properties.checks.state",
     "properties.checks.scaling",
     "properties.checks.dropout",
+    "properties.models.checks",
+    "properties.models.oracle",
 )
 _ORACLE_FUNCTIONS = (
     "forward",
@@ -120,8 +144,8 @@ def _timed_suite_parts(oracle: _Clock, generation: _Clock):
                 setattr(mod, fn, oracle.timed(getattr(mod, fn)))
     real_examples = runner_module.examples
 
-    def timed_examples(*args: Any, **kwargs: Any):
-        inner = real_examples(*args, **kwargs)
+    def timed_examples(*args: Any, real=real_examples, **kwargs: Any):
+        inner = real(*args, **kwargs)
 
         @st.composite
         def timed(draw):
@@ -135,14 +159,21 @@ def _timed_suite_parts(oracle: _Clock, generation: _Clock):
 
     saved.append((runner_module, "examples", real_examples))
     runner_module.examples = timed_examples
+    own = [p for p in all_properties().values() if p.examples is not None]  # the model half's strategies
+    for p in own:
+        object.__setattr__(p, "examples", functools.partial(timed_examples, real=p.examples))
     try:
         yield
     finally:
+        for p in own:
+            object.__setattr__(p, "examples", p.examples.keywords["real"])
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
 
 
-def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[str, Any]:
+def benchmark(
+    target_name: str, profile: str, max_examples: int | None, properties: list[str] | None = None
+) -> dict[str, Any]:
     clock, oracle_clock, generation_clock = _Clock(), _Clock(), _Clock()
     target = TimedTarget(load_target(target_name), clock)
     opts = RunOptions(target=target_name, profile=PROFILES[profile], seed=0, max_examples=max_examples)
@@ -157,7 +188,7 @@ def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[
     statuses: dict[str, int] = defaultdict(int)
     started = time.perf_counter()
     with _timed_suite_parts(oracle_clock, generation_clock):
-        for cell in plan_cells():
+        for cell in plan_cells(properties):
             before = clock.seconds
             r = run_cell(target, catalogue[cell.property], cell, opts)
             statuses[apply_xfail(r, rules, set()).status] += 1
@@ -188,7 +219,9 @@ def benchmark(target_name: str, profile: str, max_examples: int | None) -> dict[
     }
 
 
-def parallel_wall_time(target_name: str, profile: str, jobs: int) -> tuple[float, int, str]:
+def parallel_wall_time(
+    target_name: str, profile: str, jobs: int, properties: list[str] | None = None
+) -> tuple[float, int, str]:
     """Wall time, exit status and closing line of the real CLI with ``--jobs`` (what a CI job pays,
     bundled expected failures included)."""
     import subprocess
@@ -206,6 +239,7 @@ def parallel_wall_time(target_name: str, profile: str, jobs: int) -> tuple[float
             profile,
             "--jobs",
             str(jobs),
+            *(["--properties", ",".join(properties)] if properties else []),
         ],
         check=False,
         capture_output=True,
@@ -222,12 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-examples", type=int)
     ap.add_argument("--jobs", type=int, default=0, help="also time the CLI with this many jobs")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument(
+        "--properties", type=lambda t: [p for p in t.split(",") if p], help="ids or globs ('model_*')"
+    )
     args = ap.parse_args(argv)
     results = []
     for name in args.target or ["reference"]:
-        res = benchmark(name, args.profile, args.max_examples)
+        res = benchmark(name, args.profile, args.max_examples, args.properties)
         if args.jobs:
-            wall, status, closing = parallel_wall_time(name, args.profile, args.jobs)
+            wall, status, closing = parallel_wall_time(name, args.profile, args.jobs, args.properties)
             res[f"cli_wall_s_jobs{args.jobs}"], res["cli_exit_status"], res["cli_closing_line"] = (
                 wall,
                 status,

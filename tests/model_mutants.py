@@ -35,6 +35,29 @@ class TiedTwinWritten(ReferenceModelHandle):
         self.root = lora_core.model._replace_layers(self.root, keep_merged=True)
 
 
+class MergeSkipsEmbeddings(ReferenceModelHandle):
+    """merge_and_unload unloads embedding layers without merging them: their LoRA is lost."""
+
+    def merge_and_unload(self, *, safe: bool = False) -> None:
+        for layer in self._layers().values():
+            if not isinstance(layer, lora_core.Embedding):
+                layer.merge(safe_merge=safe)
+        self.root = lora_core.model._replace_layers(self.root, keep_merged=True)
+
+
+class SavesTheBase(ReferenceModelHandle):
+    """save_merged saves a copy of the model as it was before the merge (the base), not the merged one."""
+
+    def merge_and_unload(self, *, safe: bool = False) -> None:
+        import copy
+
+        self._before = copy.deepcopy(lora_core.model.unload(copy.deepcopy(self.root)))
+        super().merge_and_unload(safe=safe)
+
+    def save_merged(self, directory: Path) -> None:
+        self._before.save_pretrained(str(directory))
+
+
 class AppliedTwiceOnReload(ReferenceModelHandle):
     """Loading an adapter whose name is taken adds it again under a new name, active: a doubled effect."""
 
@@ -160,6 +183,10 @@ class MutantModelTarget(ReferenceModelTarget):
 
 
 MODEL_MUTANTS: tuple[ModelMutant, ...] = (
+    ModelMutant(
+        "merge_skips_embeddings", ("model_merge_equivalence",), "bert", "float32", MergeSkipsEmbeddings
+    ),
+    ModelMutant("saves_the_base", ("model_merged_save_load",), "llama", "bfloat16", SavesTheBase),
     ModelMutant(
         "tied_twin_written",
         ("model_tied_weights", "model_merge_equivalence"),

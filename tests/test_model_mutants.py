@@ -42,6 +42,13 @@ def test_reference_passes_model_property(prop: str, dtype: str) -> None:
         assert result.status == "passed", f"{prop} {arch} {dtype}: {result.message}\n{result.example}"
 
 
+def test_every_model_property_has_a_mutant() -> None:
+    """A model property no mutant is aimed at has never been shown to catch anything."""
+    assert set(MODEL_PROPS) - {m.cell.property for m in MODEL_MUTANTS} == set()
+    for m in MODEL_MUTANTS:
+        assert set(m.catches) <= set(MODEL_PROPS) and m.layer in PROPS[m.cell.property].layers, m.name
+
+
 def test_model_properties_cover_every_architecture() -> None:
     assert set(MODEL_PROPS) >= {
         "model_merge_equivalence",

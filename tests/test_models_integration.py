@@ -85,3 +85,15 @@ def test_failing_model_cell_prints_replay_that_reproduces(tmp_path):
     assert "--layers bert" in replay and "model_unloaded_is_plain" in replay
     again = cli(*replay.split()[1:])
     assert again.returncode == 1 and "left behind" in again.stdout
+
+
+def test_model_cells_skip_with_the_reason_without_transformers(monkeypatch):
+    """transformers is optional (the ``peft`` extra): without it the model cells are skipped, not errors."""
+    from properties.models import architectures as archs
+    from properties.targets.reference import TARGET
+
+    monkeypatch.setattr(archs, "missing", lambda: "the model half needs transformers")
+    cell = Cell("model_merge_equivalence", "llama", "float32")
+    opts = RunOptions(target="reference", profile=PROFILES["ci"], seed=0, max_examples=2)
+    result = run_cell(TARGET, all_properties()[cell.property], cell, opts)
+    assert result.status == "skipped" and "needs transformers" in result.message

@@ -32,6 +32,29 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+def missing() -> str | None:
+    """Why the model half cannot run here (transformers is not installed), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return "the model half needs transformers: pip install 'lora-conformance[peft]'"
+    return None
+
+
+def unavailable_notes() -> dict[str, str]:
+    """Capability notes that skip every architecture, with the reason, when transformers is missing."""
+    from properties.models.spec import ARCHITECTURES
+
+    why = missing()
+    return {a: why for a in ARCHITECTURES} if why else {}
+
+
+def dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers 5 calls it ``dtype``; 4.x ``torch_dtype`` (the suite is tested with 5.24)."""
+    major = int(transformers().__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
 @functools.cache
 def transformers() -> Any:
     """Import transformers once, with its progress bars and advisory logging silenced."""
@@ -97,7 +120,7 @@ def build_base(spec: ModelSpec) -> nn.Module:
 def _prototype(arch: Architecture, frozen_config: tuple, dtype: torch.dtype, device: str) -> nn.Module:
     config = make_config(arch, dict(frozen_config))
     with torch.device(device):
-        return model_class(arch)._from_config(config, dtype=dtype).eval()
+        return model_class(arch)._from_config(config, **dtype_kw(dtype)).eval()
 
 
 @torch.no_grad()
@@ -141,7 +164,7 @@ def from_pretrained(spec: ModelSpec, directory: str) -> nn.Module:
     test, so the model-level save/load properties compare models whose parameters sit in fresh memory.
     """
     with torch.device(spec.device):
-        model = model_class(spec.architecture).from_pretrained(directory, dtype=spec.dtype)
+        model = model_class(spec.architecture).from_pretrained(directory, **dtype_kw(spec.dtype))
     for p in model.parameters():  # deduplicated: a tied parameter object is re-homed once
         p.data = p.data.clone()
     for _, m in model.named_modules():

@@ -94,7 +94,7 @@ def _layout(arch: str, frozen_config: tuple) -> tuple[dict[str, tuple[int, ...]]
     """Parameter shapes, targetable paths and per-module facts of an architecture (built on meta)."""
     config = archs.make_config(arch, dict(frozen_config))
     with torch.device("meta"):
-        model = archs.model_class(arch)._from_config(config, dtype=torch.float32)
+        model = archs.model_class(arch)._from_config(config, **archs.dtype_kw(torch.float32))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     paths = tuple(archs.targetable(model))
     facts = {}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from properties.models import architectures as archs
+from properties.targets.protocol import Unsupported
 
 
 class TorchModelHandle:
@@ -82,6 +83,7 @@ class TorchModelHandle:
         return snap
 
     @contextmanager
-    def disabled(self) -> Iterator[None]:  # overridden where the library has its own switch
-        raise NotImplementedError
+    def disabled(self) -> Iterator[None]:
+        """Overridden where the library has a switch; without one the cell is skipped."""
+        raise Unsupported(f"{type(self).__name__} has no way to disable adapters")
         yield

@@ -182,11 +182,13 @@ class PeftModelTarget:
         return str(_peft().__version__)
 
     def capabilities(self) -> Capabilities:
+        notes = archs.unavailable_notes()
         return Capabilities(
-            layers=frozenset(ARCHITECTURES),
+            layers=frozenset(() if notes else ARCHITECTURES),
             dtypes=frozenset(DTYPES.values()),
             operations=MODEL_OPERATIONS,
             options=MODEL_OPTIONS,
+            notes=notes,
         )
 
     def build_base(self, spec: ModelSpec) -> PeftModelHandle:

@@ -228,11 +228,13 @@ class ReferenceModelTarget:
         return lora_core.__version__
 
     def capabilities(self) -> Capabilities:
+        notes = archs.unavailable_notes()
         return Capabilities(
-            layers=frozenset(ARCHITECTURES),
+            layers=frozenset(() if notes else ARCHITECTURES),
             dtypes=frozenset(DTYPES.values()),
             operations=MODEL_OPERATIONS,
             options=MODEL_OPTIONS,
+            notes=notes,
         )
 
     def build_base(self, spec: ModelSpec) -> ReferenceModelHandle:
