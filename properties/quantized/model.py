@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 
 from properties import oracle
-from properties.precision import Arithmetic, Expected, forward_expected, unit_roundoff, weights_expected
+from properties.precision import Arithmetic, Expected, forward_expected, weights_expected
 from properties.quantized.state import F64, QuantState
 from properties.spec import LayerSpec
 
@@ -177,16 +177,17 @@ def merged_weight_expected(
 
 def unmerged_weight_expected(
     spec: LayerSpec, qs_merged: QuantState, qs_out: QuantState, adapters: Sequence[str], arith: Arithmetic
-) -> tuple[Expected, torch.Tensor]:
-    """After unmerging ``adapters`` from ``qs_merged``: ``V = D(qs_merged) - Σ ΔW`` and the bound on
-    ``D(qs_out)`` (the unmerge's requantization)."""
+) -> tuple[Expected, Expected | None, torch.Tensor]:
+    """After unmerging ``adapters`` from ``qs_merged``: ``V = D(qs_merged) - Σ ΔW`` with the bound on
+    ``D(qs_out)`` (the unmerge's requantization), and the expected scales."""
     dspec = decoded_spec(spec, qs_merged)
     v = dspec.weight.clone()
     for n in adapters:
         v = v - oracle.lora_delta(spec, spec.adapter(n))
     delta = float_rounding(spec, qs_merged, adapters, arith, v)
-    bound = requant_bound(qs_out, v, delta) + chain_term(qs_merged, spec, adapters, delta)
-    return Expected(v, bound, v.abs() + dspec.weight.abs()), bound
+    chain = chain_term(qs_merged, spec, adapters, delta)
+    bound = requant_bound(qs_out, v, delta) + chain
+    return Expected(v, bound, v.abs() + dspec.weight.abs()), scale_expected(qs_out, v, delta + chain), bound
 
 
 def activation_error(x: torch.Tensor, int8_activations: bool) -> torch.Tensor | None:
@@ -226,7 +227,3 @@ def forward_expected_q(
 def weight_effect(x: torch.Tensor, weight_bound: torch.Tensor) -> torch.Tensor:
     """How far an elementwise weight error ``weight_bound`` may move the output ``x W^T``."""
     return x.detach().to("cpu", F64).abs() @ weight_bound.T
-
-
-def storage_roundoff(dtype: torch.dtype) -> float:
-    return unit_roundoff(dtype)
