@@ -18,10 +18,18 @@ warnings.simplefilter("ignore")
 transformers.logging.set_verbosity_error()
 torch.manual_seed(0)
 cfg = transformers.LlamaConfig(
-    vocab_size=8, hidden_size=4, head_dim=2, intermediate_size=4, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+    vocab_size=8,
+    hidden_size=4,
+    head_dim=2,
+    intermediate_size=4,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
 )
-lora = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(target_modules=["lm_head"], r=1))
+lora = peft.get_peft_model(
+    transformers.LlamaForCausalLM(cfg), peft.LoraConfig(target_modules=["lm_head"], r=1)
+)
 with tempfile.TemporaryDirectory() as d:
     lora.save_pretrained(d)
     keys = sorted(load_file(f"{d}/adapter_model.safetensors"))

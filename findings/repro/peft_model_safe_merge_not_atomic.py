@@ -16,11 +16,20 @@ warnings.simplefilter("ignore")
 transformers.logging.set_verbosity_error()
 torch.manual_seed(0)
 cfg = transformers.LlamaConfig(
-    vocab_size=8, hidden_size=4, head_dim=2, intermediate_size=4, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+    vocab_size=8,
+    hidden_size=4,
+    head_dim=2,
+    intermediate_size=4,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
 )
 targets = ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.up_proj"]
-lora = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).eval(), peft.LoraConfig(target_modules=targets, init_lora_weights=False))
+lora = peft.get_peft_model(
+    transformers.LlamaForCausalLM(cfg).eval(),
+    peft.LoraConfig(target_modules=targets, init_lora_weights=False),
+)
 with torch.no_grad():
     lora.base_model.model.model.layers[0].mlp.up_proj.lora_A["default"].weight[0, 0] = float("nan")
 before = {n: type(m).__name__ for n, m in lora.named_modules()}

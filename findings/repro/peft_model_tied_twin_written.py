@@ -16,14 +16,22 @@ warnings.simplefilter("ignore")
 transformers.logging.set_verbosity_error()
 torch.manual_seed(0)
 cfg = transformers.LlamaConfig(
-    vocab_size=8, hidden_size=4, head_dim=2, intermediate_size=4, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+    vocab_size=8,
+    hidden_size=4,
+    head_dim=2,
+    intermediate_size=4,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    tie_word_embeddings=True,
 )
 model = transformers.LlamaForCausalLM(cfg).eval()
 head_before = model.lm_head.weight.detach().clone()
 ids = torch.tensor([[1, 2, 3]])
 with torch.no_grad():
-    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["model.embed_tokens"], init_lora_weights=False))
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(target_modules=["model.embed_tokens"], init_lora_weights=False)
+    )
     unmerged = lora(input_ids=ids).logits
     merged_model = lora.merge_and_unload()
     merged = merged_model(input_ids=ids).logits

@@ -35,6 +35,8 @@ expected = sum(w[n] * layer.get_delta_weight(n) for n in w)
 model.add_weighted_adapter(["a", "b"], [w["a"], w["b"]], "ab", combination_type="cat")
 actual = layer.get_delta_weight("ab")
 err = (actual - expected).abs().max().item()
-print(f"max |delta(cat) - sum w_i delta_i| = {err:.3g} (scaling of the new adapter: {layer.scaling['ab']:.4g})")
+print(
+    f"max |delta(cat) - sum w_i delta_i| = {err:.3g} (scaling of the new adapter: {layer.scaling['ab']:.4g})"
+)
 print("FAIL" if err > 1e-12 else "OK")
 sys.exit(1 if err > 1e-12 else 0)
