@@ -115,6 +115,7 @@ def tally(
     candidates: dict[str, torch.Tensor],
     direction: torch.Tensor,
     block_dim: int | None = None,
+    blocks: torch.Tensor | None = None,
 ) -> BiasTally | None:
     """One comparison's sums against each candidate; ``block_dim``: the dimension summed into a
     block (output features), None for element blocks. None when there is nothing to test: no
@@ -128,6 +129,8 @@ def tally(
         x = (a - c) * direction / norm
         if block_dim is not None and x.dim() > 0:
             x = x.sum(block_dim)
+        if blocks is not None:  # positions that repeat one input window are one rounding event
+            x = torch.zeros(int(blocks.max()) + 1, dtype=F64).index_add_(0, blocks.flatten(), x.flatten())
         out.s[name] = float(x.sum())
         out.q[name] = float((x * x).sum())
         out.n[name] = int((x != 0).sum())
@@ -291,6 +294,46 @@ def merged_output_candidate(
     if "bias" in weights and weights["bias"] is not None:
         y = y + oracle._out_view(spec, weights["bias"].detach().to("cpu", F64), y.dim())
     return rounder(spec.dtype)(y)
+
+
+def position_blocks(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
+    """A block id per output position: positions whose input windows coincide (a repeated embedding
+    index, a reflected or replicated conv border, equal rows) compute the same values and round the
+    same way, so they are one block, not several independent ones. Windows are compared through a
+    random float64 projection of each (per conv group); positions sharing any group's window merge."""
+    g = torch.Generator().manual_seed(0)
+    if spec.kind == "embedding":
+        prints = [x.to("cpu", F64)]
+    elif spec.kind == "linear":
+        xx = x.detach().to("cpu", F64)
+        prints = [xx @ torch.randn(xx.shape[-1], generator=g, dtype=F64)]
+    else:
+        groups = spec.conv.groups
+        w = torch.randn(groups, *spec.weight.shape[1:], generator=g, dtype=F64)
+        xx = x.detach().to("cpu", F64)
+        c = spec.conv
+        mode = "constant" if c.padding_mode == "zeros" else c.padding_mode
+        xp = F.pad(xx, oracle.conv_padding(spec), mode=mode)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(c.kernel_size)]
+        fp = conv(xp, w, stride=c.stride, dilation=c.dilation, groups=groups)
+        prints = [fp[:, i] for i in range(groups)]
+    shape = prints[0].shape
+    parent = list(range(prints[0].numel()))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for p in prints:
+        first: dict[float, int] = {}
+        for i, v in enumerate(p.flatten().tolist()):
+            j = first.setdefault(v, i)
+            if j != i:
+                parent[find(i)] = find(j)
+    roots = torch.tensor([find(i) for i in range(len(parent))])
+    return torch.unique(roots, return_inverse=True)[1].reshape(shape)
 
 
 def lora_part(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:

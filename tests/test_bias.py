@@ -138,3 +138,25 @@ def test_bias_and_out_of_range_reach_the_reports() -> None:
     md = render_markdown(report)
     assert "| ratio max | bias \\|z\\| |" in md and "| 0.25 | 1.5 |" in md
     assert "Examples outside the claim (2)" in md and "q k^T may exceed the float16 range" in md
+
+
+def test_positions_repeating_an_input_window_are_one_block() -> None:
+    """A reflected border of a 1x1 conv repeats interior outputs bit for bit (the thorough sweep's
+    alarm, merge_equivalence conv3d float32 seed 1); a repeated embedding index repeats a row. Each
+    repetition is one rounding event, so one block."""
+    from properties.spec import ConvOptions
+
+    conv = ConvOptions((1,), (1,), (2,), (1,), 1, "reflect")
+    a = AdapterSpec("default", 1, 1.0, torch.ones(1, 2, 1), torch.ones(2, 1, 1))
+    spec = LayerSpec("conv1d", torch.float32, torch.ones(2, 2, 1), (a,), conv=conv)
+    x = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(0))
+    blocks = bias.position_blocks(spec, x)  # padded 2 + 4 + 2: positions 0,1 reflect 4,3 ... of 8
+    assert blocks.shape == (1, 8) and int(blocks.max()) + 1 == 4
+    emb = LayerSpec(
+        "embedding",
+        torch.float32,
+        torch.ones(5, 3),
+        (AdapterSpec("default", 1, 1.0, torch.ones(1, 5), torch.ones(3, 1)),),
+    )
+    ids = bias.position_blocks(emb, torch.tensor([[1, 2, 1, 4]]))
+    assert ids[0, 0] == ids[0, 2] and len(set(ids.flatten().tolist())) == 3

@@ -22,9 +22,11 @@ def reference_forward(ctx: Context) -> None:
     spec, x = ctx.spec, ctx.x
     if bias.applies(spec, spec.active_adapters):
         cands = bias.unmerged_candidates(spec, x)
-        ctx.check_bias(
-            bias.tally("unmerged output", y, cands, bias.lora_part(spec, x), bias.feature_dim(spec))
+        blocks = bias.position_blocks(spec, x)  # one block per distinct input window
+        tally = bias.tally(
+            "unmerged output", y, cands, bias.lora_part(spec, x), bias.feature_dim(spec), blocks
         )
+        ctx.check_bias(tally)
 
 
 BASE_LAYER_OPTIONS = frozenset(
@@ -89,9 +91,11 @@ def merge_equivalence(ctx: Context) -> None:
         ctx.check_bias(bias.weight_tally("merged weights", weights, cands, moved))
     if spec.kind != "mha":
         cand = {"round(W' x + b')": bias.merged_output_candidate(spec, x, weights)}
-        ctx.check_bias(
-            bias.tally("merged output", merged, cand, bias.lora_part(spec, x), bias.feature_dim(spec))
+        blocks = bias.position_blocks(spec, x)  # one block per distinct input window
+        tally = bias.tally(
+            "merged output", merged, cand, bias.lora_part(spec, x), bias.feature_dim(spec), blocks
         )
+        ctx.check_bias(tally)
 
 
 @prop(
