@@ -71,21 +71,24 @@ class Context:
         rank: int | None = None,
         cycles: int | None = None,
         statistical: bool = False,
+        layer: LayerSpec | None = None,
     ) -> Sample:
         """Compare against the precision model's bound; record the sample; fail when ratio > 1.
 
         ``statistical``: the bound is a confidence radius, not rounding, so the error in units of
-        ``u M`` means nothing and is left out (NaN) of the rounding statistics."""
+        ``u M`` means nothing and is left out (NaN) of the rounding statistics. ``layer``: the layer
+        compared, when it is not the example's spec (the model half checks one module at a time)."""
         if expected.out_of_range:
             raise OutOfRange(expected.out_of_range)
-        r = rank if rank is not None else sum(a.r for a in self.spec.adapters)
+        spec = layer or self.spec
+        r = rank if rank is not None else sum(a.r for a in spec.adapters)
         wrong = form_problem(
-            actual, expected, spec=self.spec, arith=self.arith, quantity=quantity, statistical=statistical
+            actual, expected, spec=spec, arith=self.arith, quantity=quantity, statistical=statistical
         )
         if wrong:
             raise PropertyFailure(wrong)
         sample = measure(
-            actual, expected, self.arith, quantity=quantity, inner=inner_dim(self.spec), rank=r, cycles=cycles
+            actual, expected, self.arith, quantity=quantity, inner=inner_dim(spec), rank=r, cycles=cycles
         )
         if statistical:
             sample.err_u = math.nan

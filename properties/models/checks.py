@@ -27,7 +27,7 @@ from properties.models.oracle import adapter_numel, layer_spec, weighted_cat_spe
 from properties.models.protocol import MODEL_OPTIONS, model_target_for
 from properties.models.spec import ARCHITECTURES, TIED_ARCHITECTURES, ModelExample, ModelSpec
 from properties.models.strategies import ModelDraw, model_examples
-from properties.precision import Expected, forward_expected, inner_dim, measure, weights_expected
+from properties.precision import Expected, forward_expected, weights_expected
 from properties.spec import LayerSpec
 
 
@@ -60,18 +60,7 @@ def model_prop(
 
 def _check(ctx: Context, ls: LayerSpec, actual: torch.Tensor, expected: Expected, quantity: str) -> None:
     """The layer half's comparison, for one module of the model (its own inner dimension and rank)."""
-    if tuple(actual.shape) != tuple(expected.exact.shape):
-        raise PropertyFailure(
-            f"{quantity}: shape {tuple(actual.shape)}, expected {tuple(expected.exact.shape)}"
-        )
-    rank = sum(a.r for a in ls.adapters)
-    sample = measure(actual, expected, ctx.arith, quantity=quantity, inner=inner_dim(ls), rank=rank)
-    ctx.samples.append(sample)
-    if not sample.ratio <= 1.0:
-        raise PropertyFailure(
-            f"{quantity}: error {sample.error:.3g} exceeds the precision bound {sample.bound:.3g} "
-            f"(ratio {sample.ratio:.3g}; exact value {sample.reference:.6g})"
-        )
+    ctx.check(actual, expected, quantity, layer=ls)
 
 
 def _same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
@@ -129,7 +118,7 @@ def _judge_merged(ctx: Context, h, spec: ModelSpec, before: dict, what: str) -> 
         with torch.no_grad():
             y = module(x)
         _check(ctx, ls, y, exp, f"{path}: {what} output")
-        both = Expected(y_unmerged.detach().to("cpu", torch.float64), 2 * exp.bound, exp.magnitude)
+        both = exp.versus(y_unmerged.detach().to("cpu", torch.float64), 2 * exp.bound)
         _check(ctx, ls, y, both, f"{path}: {what} vs unmerged output")
         weights = weights_expected(ls, ls.adapter_names, ctx.arith)
         base = getattr(module, "base_layer", module)
