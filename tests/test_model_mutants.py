@@ -8,6 +8,8 @@ dtype (few examples each: the point is no false alarm, and each example is a who
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from model_mutants import MODEL_MUTANTS, ModelMutant
 
@@ -19,6 +21,10 @@ from properties.runner import Cell, RunOptions, run_cell
 from properties.spec import DTYPES
 
 PROPS = all_properties()
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="the model half builds transformers models: install the `peft` extra",
+)
 MODEL_PROPS = [p for p in PROPS if p.startswith("model_")]
 
 
@@ -27,6 +33,7 @@ def _run(target, cell: Cell, max_examples: int | None = None):
     return run_cell(target, PROPS[cell.property], cell, opts)
 
 
+@needs_transformers
 @pytest.mark.parametrize("mutant", MODEL_MUTANTS, ids=lambda m: m.name)
 def test_model_mutant_is_caught(mutant: ModelMutant) -> None:
     result = _run(mutant.target(), mutant.cell)
@@ -34,6 +41,7 @@ def test_model_mutant_is_caught(mutant: ModelMutant) -> None:
     assert result.example and result.replay
 
 
+@needs_transformers
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("prop", MODEL_PROPS)
 def test_reference_passes_model_property(prop: str, dtype: str) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
@@ -17,6 +19,11 @@ from properties.session import plan_cells
 from properties.xfails import example_rules, parse_xfails
 from tests.test_cli import cli
 
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="the model half builds transformers models: install the `peft` extra",
+)
+
 
 def test_model_cells_are_planned_by_architecture_and_glob():
     cells = plan_cells(["model_*"], None, ["float32"])
@@ -28,6 +35,7 @@ def test_model_cells_are_planned_by_architecture_and_glob():
     assert layer_only and not any(c.property.startswith("model_") for c in layer_only)
 
 
+@needs_transformers
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(model_examples(ModelDraw("llama_tied", torch.float32, frozenset({"multi_adapter"}), tied_target=True)))
 def test_model_example_features_cover_every_feature_name(ex):
@@ -37,6 +45,7 @@ def test_model_example_features_cover_every_feature_name(ex):
     assert compile_condition("tied_target and architecture == 'llama_tied'")(facts)
 
 
+@needs_transformers
 def test_when_line_sets_model_examples_aside():
     cell = Cell("model_merge_equivalence", "gpt2", "float32")
     rules = parse_xfails("model_merge_equivalence * * when tied_target  # demo\n")
@@ -50,6 +59,7 @@ def test_when_line_sets_model_examples_aside():
     assert sum(result.known_bug_examples.values()) > 0
 
 
+@needs_transformers
 def test_cli_runs_model_properties_and_writes_reports(tmp_path):
     out = cli(
         "run",
@@ -76,6 +86,7 @@ def test_cli_runs_model_properties_and_writes_reports(tmp_path):
     assert "model_tied_weights" in (tmp_path / "report.md").read_text()
 
 
+@needs_transformers
 def test_failing_model_cell_prints_replay_that_reproduces(tmp_path):
     """A broken model target fails with a replay line; running that line fails the same way."""
     args = ["--properties", "model_unloaded_is_plain", "--layers", "bert", "--dtypes", "float32"]
