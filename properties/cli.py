@@ -203,7 +203,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             last_write["cost"] = last_write["at"] - now
 
     started = time.perf_counter()
-    report = run.execute(cells, args.jobs, sink)
+    scope = plan_cells(args.properties, args.layers, args.dtypes) if args.shard else cells
+    report = run.execute(cells, args.jobs, sink, scope=scope)
     print(summary_grid(report))
     details = failure_details(report)
     if details:

@@ -38,11 +38,8 @@ def plan_cells(
     catalogue = all_properties()
     if properties:  # globs select by pattern: --properties 'model_*' is the model half
         properties = [m for p in properties for m in (fnmatch.filter(catalogue, p) if _glob(p) else [p])]
-    # Layer kinds, the quantized kinds, then the kinds only some properties have (the model half's
-    # architectures). Quantized kinds run only when asked for (--layers): they need a quantizer.
-    kinds = list(
-        dict.fromkeys([*LAYER_KINDS, *QUANT_KINDS, *(k for p in catalogue.values() for k in p.layers)])
-    )
+    # Quantized kinds run only when asked for (--layers): they need a quantizer.
+    kinds = all_kinds()
     default_kinds = [k for k in kinds if k not in QUANT_KINDS]
     for kind, given, known in (("property", properties, catalogue), ("layer", layers, kinds)):
         unknown = [g for g in given or () if g not in known]
@@ -63,6 +60,29 @@ def plan_cells(
         # By a hash of the cell, not by position: a cell stays in its shard when others are added.
         cells = [c for c in cells if zlib.crc32(str(c).encode()) % n == i - 1]
     return cells
+
+
+def all_kinds() -> list[str]:
+    """Layer kinds, quantized kinds, then the kinds only some properties have (model architectures)."""
+    catalogue = all_properties()
+    return list(
+        dict.fromkeys([*LAYER_KINDS, *QUANT_KINDS, *(k for p in catalogue.values() for k in p.layers)])
+    )
+
+
+def _stale(rules: list[XfailRule], used: set[str], scope: Sequence[Cell]) -> list[str]:
+    """The xfails lines to report as matching nothing: unused, and either matching a cell in scope or
+    no cell at all (a typo, a removed property). A line whose cells all lie outside this run's scope
+    (a quantized line in a run without quantized kinds) is not stale, only not exercised."""
+    unused = [r for r in rules if r.key not in used]
+    if not unused:
+        return []
+    universe = plan_cells(layers=all_kinds())
+
+    def reachable(r: XfailRule, cells: Sequence[Cell]) -> bool:
+        return any(r.matches(c.property, c.layer, c.dtype) for c in cells)
+
+    return [str(r) for r in unused if reachable(r, scope) or not reachable(r, universe)]
 
 
 def _glob(pattern: str) -> bool:
@@ -137,8 +157,16 @@ class Run:
         sets the same examples aside and skips shrinking the same expected cells."""
         return with_xfails(self.options, self.xfails)
 
-    def execute(self, cells: Iterable[Cell], jobs: int, sink: Callable[[CellResult], None]) -> RunReport:
+    def execute(
+        self,
+        cells: Iterable[Cell],
+        jobs: int,
+        sink: Callable[[CellResult], None],
+        scope: Sequence[Cell] | None = None,
+    ) -> RunReport:
         """Run ``cells``, handing each result to ``sink``; returns the report (partial when interrupted).
+
+        ``scope``: the cells asked for before sharding (default: ``cells``); see :func:`_stale`.
 
         ``jobs`` worker processes run the cells (:mod:`properties.workers`): a target that crashes its
         process or hangs in native code costs a worker and becomes an ``error`` cell, and the run goes
@@ -146,6 +174,8 @@ class Run:
         used: set[str] = set()
         catalogue = all_properties()
         opts = self.opts
+        cells = list(cells)
+        scope = cells if scope is None else scope
 
         def done(result: CellResult) -> None:
             self.report.cells.append(apply_xfail(result, self.xfails, used))
@@ -156,16 +186,15 @@ class Run:
                 for cell in cells:
                     done(run_cell(self.target, catalogue[cell.property], cell, opts))
             else:
-                cells = list(cells)
                 if jobs > 1:  # slow cells first keeps every worker busy until the end
-                    cells.sort(key=lambda c: _cost(c, catalogue[c.property]), reverse=True)
+                    cells = sorted(cells, key=lambda c: _cost(c, catalogue[c.property]), reverse=True)
                 with WorkerPool(self.target_name, jobs, device=opts.device) as pool:
                     pool.run(cells, opts, done)
         except KeyboardInterrupt:
             self.report.header.interrupted = True
         finally:
             self.report.header.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            self.report.header.unmatched_xfails = [str(r) for r in self.xfails if r.key not in used]
+            self.report.header.unmatched_xfails = _stale(self.xfails, used, scope)
         return self.report
 
 

@@ -100,3 +100,26 @@ def test_a_whole_cell_expected_failure_is_not_shrunk():
     assert Phase.shrink in phases_for(Cell("merge_equivalence", "conv2d", "float32"), opts)
     result = run_cell(SCALED, all_properties()[CELL.property], CELL, opts)
     assert result.status == "failed" and result.replay
+
+
+def test_unused_lines_are_stale_only_in_scope_or_when_they_match_no_cell_at_all():
+    """A line for cells this run did not ask for (quantized kinds in a default run) is not stale; an
+    unused line for a cell in scope is, and so is one that matches no cell anywhere (a typo)."""
+    from properties.session import _stale, plan_cells
+    from properties.xfails import parse_xfails
+
+    rules = parse_xfails(
+        "merge_equivalence linear float32 when rank > 1000  # in scope, unused\n"
+        "merge_equivalence bnb_nf4 *  # quantized: outside a linear-only run\n"
+        "merge_equivalence conv9d *  # no such layer: stale everywhere\n"
+        "merge_equivalence linear float64  # in scope, used\n"
+    )
+    used = {rules[3].key}
+    scope = plan_cells(["merge_equivalence"], ["linear"])
+    stale = _stale(rules, used, scope)
+    assert stale == [str(rules[0]), str(rules[2])]
+    assert _stale(rules, used, plan_cells(["merge_equivalence"], ["linear", "bnb_nf4"])) == [
+        str(rules[0]),
+        str(rules[1]),
+        str(rules[2]),
+    ]
