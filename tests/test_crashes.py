@@ -19,22 +19,10 @@ from properties.profiles import PROFILES
 from properties.runner import Cell, RunOptions, run_cell
 from properties.targets._library import import_or_raise
 from tests import fixture_targets
+from tests.test_cli import REPO, cli
 
-REPO = Path(__file__).resolve().parents[1]
 CELLS = ["--properties", "reference_forward,unmerge_noop", "--layers", "linear", "--dtypes", "float32"]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and fork: Linux")
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run(
-        [sys.executable, "-m", "properties", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
 
 
 def _run(target: str, jobs: str, report: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
