@@ -22,8 +22,10 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from properties.models.spec import ModelAdapter, ModelSpec
-from properties.targets.protocol import Target, Unsupported
+from properties.models import architectures as archs
+from properties.models.spec import ARCHITECTURES, ModelAdapter, ModelSpec
+from properties.spec import DTYPES
+from properties.targets.protocol import Capabilities, Target, Unsupported
 
 MODEL_OPERATIONS = frozenset(
     {
@@ -42,6 +44,19 @@ MODEL_OPERATIONS = frozenset(
     }
 )
 MODEL_OPTIONS = frozenset({"multi_adapter", "rslora", "dora"})
+
+
+def full_model_capabilities() -> Capabilities:
+    """Every architecture, dtype, model operation and option, or no architecture (with the reason)
+    where transformers is missing: what a complete model-level target declares."""
+    notes = archs.unavailable_notes()
+    return Capabilities(
+        layers=frozenset(() if notes else ARCHITECTURES),
+        dtypes=frozenset(DTYPES.values()),
+        operations=MODEL_OPERATIONS,
+        options=MODEL_OPTIONS,
+        notes=notes,
+    )
 
 
 @runtime_checkable

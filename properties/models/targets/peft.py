@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from properties.models import architectures as archs
-from properties.models.protocol import MODEL_OPERATIONS, MODEL_OPTIONS
-from properties.models.spec import ARCHITECTURES, ModelAdapter, ModelSpec
+from properties.models.protocol import full_model_capabilities
+from properties.models.spec import ModelAdapter, ModelSpec
 from properties.models.targets._torch import TorchModelHandle
-from properties.spec import DTYPES
 from properties.targets.peft_target import _peft, _set
 from properties.targets.protocol import Capabilities
 
@@ -182,14 +181,7 @@ class PeftModelTarget:
         return str(_peft().__version__)
 
     def capabilities(self) -> Capabilities:
-        notes = archs.unavailable_notes()
-        return Capabilities(
-            layers=frozenset(() if notes else ARCHITECTURES),
-            dtypes=frozenset(DTYPES.values()),
-            operations=MODEL_OPERATIONS,
-            options=MODEL_OPTIONS,
-            notes=notes,
-        )
+        return full_model_capabilities()
 
     def build_base(self, spec: ModelSpec) -> PeftModelHandle:
         return PeftModelHandle(archs.build_base(spec), peft_wrapped=False)

@@ -19,10 +19,9 @@ from torch import nn
 
 import lora_core
 from properties.models import architectures as archs
-from properties.models.protocol import MODEL_OPERATIONS, MODEL_OPTIONS
-from properties.models.spec import ARCHITECTURES, ModelAdapter, ModelSpec
+from properties.models.protocol import full_model_capabilities
+from properties.models.spec import ModelAdapter, ModelSpec
 from properties.models.targets._torch import TorchModelHandle
-from properties.spec import DTYPES
 from properties.targets.protocol import Capabilities, Unsupported
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
@@ -228,14 +227,7 @@ class ReferenceModelTarget:
         return lora_core.__version__
 
     def capabilities(self) -> Capabilities:
-        notes = archs.unavailable_notes()
-        return Capabilities(
-            layers=frozenset(() if notes else ARCHITECTURES),
-            dtypes=frozenset(DTYPES.values()),
-            operations=MODEL_OPERATIONS,
-            options=MODEL_OPTIONS,
-            notes=notes,
-        )
+        return full_model_capabilities()
 
     def build_base(self, spec: ModelSpec) -> ReferenceModelHandle:
         return ReferenceModelHandle(archs.build_base(spec), spec)
