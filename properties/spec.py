@@ -108,8 +108,30 @@ class AdapterSpec:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
+class NamedAdapters:
+    """Adapter lookup shared by a layer's spec and a model's: ``adapters`` in order, ``active`` (empty:
+    all of them)."""
+
+    adapters: tuple
+    active: tuple[str, ...]
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.adapters)
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self.active or self.adapter_names
+
+    def adapter(self, name: str):
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+
 @dataclass(frozen=True, eq=False)
-class LayerSpec:
+class LayerSpec(NamedAdapters):
     """A base layer plus its adapters, everything exact. Targets build from this and nothing else."""
 
     kind: LayerKind
@@ -127,20 +149,6 @@ class LayerSpec:
     seed: int = 0  # seeds torch before train-mode forwards so dropout masks replay
     active: tuple[str, ...] = field(default=())  # active adapters; empty means all, in order
     quant: QuantSpec | None = None  # kind "linear" on a quantized base (``weight`` is the input to quantize)
-
-    @property
-    def adapter_names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.adapters)
-
-    @property
-    def active_adapters(self) -> tuple[str, ...]:
-        return self.active or self.adapter_names
-
-    def adapter(self, name: str) -> AdapterSpec:
-        for a in self.adapters:
-            if a.name == name:
-                return a
-        raise KeyError(name)
 
     @property
     def options(self) -> frozenset[str]:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from properties.spec import AdapterSpec, dtype_name
+from properties.spec import AdapterSpec, NamedAdapters, dtype_name
 
 Architecture = Literal["llama_tied", "llama", "gpt2", "bert"]
 ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "llama", "gpt2", "bert")
@@ -53,7 +53,7 @@ class Hostile:
 
 
 @dataclass(frozen=True, eq=False)
-class ModelSpec:
+class ModelSpec(NamedAdapters):
     """A base model plus its adapters, everything exact. Model targets build from this and nothing else."""
 
     architecture: Architecture
@@ -65,20 +65,6 @@ class ModelSpec:
     device: str = "cpu"
     seed: int = 0
     active: tuple[str, ...] = field(default=())  # active adapters; empty means all, in order
-
-    @property
-    def adapter_names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.adapters)
-
-    @property
-    def active_adapters(self) -> tuple[str, ...]:
-        return self.active or self.adapter_names
-
-    def adapter(self, name: str) -> ModelAdapter:
-        for a in self.adapters:
-            if a.name == name:
-                return a
-        raise KeyError(name)
 
     @property
     def targeted(self) -> tuple[str, ...]:
