@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _runs import ROOT, fmt, report_number, run_timed, write_atomic
 
 
 def runs(ci_seeds: int, thorough_seeds: int, first_seed: int) -> list[tuple[str, int]]:
@@ -49,10 +45,8 @@ def run_one(profile: str, seed: int, jobs: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
         cmd = [sys.executable, "-m", "properties", "run", "--target", "reference", "--profile", profile]
         cmd += ["--seed", str(seed), "--jobs", str(jobs), "--report", tmp, *extra]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        started = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
+        proc = run_timed(cmd)
+        seconds = proc.wall_s
         report_path = Path(tmp) / "report.json"
         if not report_path.exists():
             return {"profile": profile, "seed": seed, "error": proc.stderr[-2000:], "seconds": seconds}
@@ -63,24 +57,20 @@ def run_one(profile: str, seed: int, jobs: int, extra: list[str]) -> dict:
     return record
 
 
-def _num(v) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, str):  # report.json writes non-finite floats as strings
-        return float(v.replace("Infinity", "inf"))
-    return float(v)
+def _cell(c: dict) -> str:
+    return f"{c['property']} {c['layer']} {c['dtype']}"
 
 
 def summarize(report: dict, profile: str, seed: int, seconds: float, rc: int) -> dict:
     cells = report["cells"]
     worst: dict[str, float] = {}
     for c in cells:
-        r = _num(c.get("max_ratio"))
+        r = report_number(c.get("max_ratio"))
         if r is not None:
             worst[c["dtype"]] = max(worst.get(c["dtype"], 0.0), r)
     alarms = [
         {
-            "cell": f"{c['property']} {c['layer']} {c['dtype']}",
+            "cell": _cell(c),
             "status": c["status"],
             "message": c.get("message"),
             "replay": c.get("replay"),
@@ -88,7 +78,7 @@ def summarize(report: dict, profile: str, seed: int, seconds: float, rc: int) ->
         for c in cells
         if c["status"] in ("failed", "error")
     ]
-    bias = [(_num(c.get("max_bias_z")) or 0.0, f"{c['property']} {c['layer']} {c['dtype']}") for c in cells]
+    bias = [(report_number(c.get("max_bias_z")) or 0.0, _cell(c)) for c in cells]
     top_bias = max(bias, default=(0.0, ""))
     return {
         "profile": profile,
@@ -138,13 +128,6 @@ def totals(records: list[dict]) -> dict:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def render_md(data: dict) -> str:
     from properties.bias import Z_THRESHOLD
 
@@ -166,22 +149,18 @@ def render_md(data: dict) -> str:
         f64 = t["worst_ratio_by_dtype"].get("float64")
         lines.append(
             f"| {profile} | {t['runs']} ({span}) | {t['cells']} | {t['examples']} | {t['alarms']} | "
-            f"{_fmt(t['worst_ratio'])} | {_fmt(f64)} | {_fmt(t['max_bias_z'])} | "
+            f"{fmt(t['worst_ratio'])} | {fmt(f64)} | {fmt(t['max_bias_z'])} | "
             f"{t['out_of_range_examples']} | {t['seconds'] / 60:.1f} min |"
         )
     lines += ["", "Worst ratio per dtype:", ""]
     for profile, t in data["totals"].items():
-        per = ", ".join(f"{d} {_fmt(v)}" for d, v in sorted(t["worst_ratio_by_dtype"].items()))
+        per = ", ".join(f"{d} {fmt(v)}" for d, v in sorted(t["worst_ratio_by_dtype"].items()))
         lines.append(f"- {profile}: {per}")
     alarms = [(r["profile"], r["seed"], a) for r in data["runs"] for a in r.get("alarms", [])]
     lines += ["", f"Alarms: {len(alarms)}", ""]
     for profile, seed, a in alarms:
         lines.append(f"- {profile} seed {seed}: `{a['cell']}` {a['status']}: {a['message']}")
     return "\n".join(lines) + "\n"
-
-
-def _fmt(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:
