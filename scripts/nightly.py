@@ -11,6 +11,8 @@ and estimates what the whole run costs and how many shards fit a 30-minute slot 
 
 Records go to a JSON file rewritten atomically after every shard, so a run can be stopped and
 resumed (shards already recorded for the same seed and shard count are skipped); ``--md`` renders it.
+Several processes may share the file (each re-reads it under a lock before recording a shard), e.g.
+one for the cheap libraries and one for a shard of each costly one.
 
     python scripts/nightly.py --libs loralib torchtune --shards 8 --only 1 --seed 1 \\
         --json docs/nightly.json --md docs/nightly.md        # one shard of each, to time them
@@ -24,11 +26,14 @@ the CPU time (which counts every worker process) is the figure to plan a slot wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import math
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from _runs import ROOT, Timed, fmt, git_commit, report_number, run_timed, write_atomic
@@ -288,25 +293,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render-only", action="store_true", help="only rewrite --md from --json")
     ap.add_argument("extra", nargs="*", help="more arguments for `lora-conformance run` (after --)")
     args = ap.parse_args(argv)
-    data = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
+    command = "python scripts/nightly.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if not args.render_only:
-        data["command"] = "python scripts/nightly.py " + " ".join(argv if argv is not None else sys.argv[1:])
         indices = [int(i) for i in args.only.split(",")] if args.only else range(1, args.shards + 1)
         for lib in args.libs:
             for i in indices:
                 key = (lib, f"{i}/{args.shards}", args.seed, tuple(args.extra))
-                if any(_key(r) == key and "error" not in r for r in data["runs"]):
-                    continue
+                with _locked(args.json):
+                    if any(_key(r) == key and "error" not in r for r in _load(args.json)["runs"]):
+                        continue
                 record = run_shard(args.reports, lib, (i, args.shards), args.seed, args.jobs, args.extra)
-                data["runs"] = [r for r in data["runs"] if _key(r) != key] + [record]
-                data["summaries"] = summaries(data, args.reports)
-                write_atomic(args.json, json.dumps(data, indent=1) + "\n")
+                with _locked(args.json):  # re-read: another nightly.py may have recorded shards meanwhile
+                    data = _load(args.json)
+                    data["runs"] = [r for r in data["runs"] if _key(r) != key] + [record]
+                    data["command"] = command
+                    _save(args.json, data, args.reports)
                 print(_line(record), flush=True)
-    data["summaries"] = summaries(data, args.reports)
-    write_atomic(args.json, json.dumps(data, indent=1) + "\n")
+    with _locked(args.json):
+        data = _load(args.json)
+        _save(args.json, data, args.reports)
     if args.md:
         write_atomic(args.md, render_md(data))
     return 1 if any(s["failures"] or s["shards_failed_to_run"] for s in data["summaries"]) else 0
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def _save(path: Path, data: dict, reports: Path) -> None:
+    data["summaries"] = summaries(data, reports)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock next to ``path``: several nightly.py processes may share one record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _key(r: dict) -> tuple:
