@@ -148,7 +148,9 @@ def merge_shards(reports: Path, lib: str, seed: int, n: int, extra: list[str]) -
 
     out = _report_dir(reports, lib, (0, n), seed, extra).with_name(f"merged-of-{n}")
     merged = reporting.merge_reports([reporting.load_report(p) for p in found], allow_partial=len(found) < n)
-    return reporting.write_reports(merged, out)["json"]
+    # report.html (matplotlib) costs seconds a time: written once the run is whole, not after every shard.
+    formats = ("json", "md", "html") if len(found) == n else ("json", "md")
+    return reporting.write_reports(merged, out, formats)["json"]
 
 
 def library_summary(reports: Path, records: list[dict], n: int) -> dict:
