@@ -54,12 +54,19 @@ def differing(make_base, dtype: torch.dtype, trials: int = 50) -> tuple[int, str
 results = []
 for kind, make_base in (("Linear", lambda: nn.Linear(8, 8)), ("Conv2d", lambda: nn.Conv2d(4, 4, 3))):
     for dtype in (torch.float16, torch.bfloat16):
-        n, factor_dtype = differing(make_base, dtype)
+        try:
+            n, factor_dtype = differing(make_base, dtype)
+        except Exception as e:  # 0.7: the Conv2d safe merge itself crashes (finding safe-merge-crash)
+            print(f"{kind} {str(dtype).removeprefix('torch.')}: safe merge raises {type(e).__name__}: {e}")
+            continue
         results.append(n)
         print(
             f"{kind} {str(dtype).removeprefix('torch.')} (factors {factor_dtype.removeprefix('torch.')}): "
             f"safe and plain merge differ on {n} of 50 layers"
         )
+if not results:
+    print(f"peft {peft.__version__}: N/A: no safe merge ran")
+    sys.exit(0)
 ok = not any(results)
 print(
     f"peft {peft.__version__}: {'OK' if ok else 'FAIL'}: merge(safe_merge=True) writes the same weights as "

@@ -34,16 +34,22 @@ PREFIX = "base_model.model"
 
 
 def _config(adapter: ModelAdapter) -> Any:
+    """One ``LoraConfig``; an option is passed only when on, so releases without the field
+    (``use_rslora`` before 0.8, ``use_dora`` before 0.9) still take every config that does not use it."""
     first = next(iter(adapter.modules.values()))
+    options = {"use_rslora": adapter.use_rslora, "use_dora": adapter.use_dora}
+    fields = inspect.signature(_peft().LoraConfig).parameters
+    for field, on in options.items():
+        if on and field not in fields:
+            raise Unsupported(f"peft {_peft().__version__}: LoraConfig has no {field}")
     return _peft().LoraConfig(
         target_modules=list(adapter.modules),
         r=first.r,
         lora_alpha=first.alpha,
         rank_pattern={p: a.r for p, a in adapter.modules.items()},
         alpha_pattern={p: a.alpha for p, a in adapter.modules.items()},
-        use_rslora=adapter.use_rslora,
-        use_dora=adapter.use_dora,
         init_lora_weights=False,
+        **{field: True for field, on in options.items() if on},
     )
 
 
