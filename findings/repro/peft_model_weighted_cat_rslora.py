@@ -27,7 +27,12 @@ class Net(nn.Module):
 
 
 cfg = dict(target_modules=["lin"], r=2, lora_alpha=4, use_rslora=True, init_lora_weights=False)
-model = peft.get_peft_model(Net(), peft.LoraConfig(**cfg), adapter_name="a")
+try:
+    first = peft.LoraConfig(**cfg)
+except TypeError as e:  # rsLoRA arrived in 0.8
+    print(f"peft {peft.__version__}: N/A: {type(e).__name__}: {e}")
+    sys.exit(0)
+model = peft.get_peft_model(Net(), first, adapter_name="a")
 model.add_adapter("b", peft.LoraConfig(**{**cfg, "r": 3}))
 layer = model.base_model.model.lin
 w = {"a": 0.5, "b": 2.0}

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from properties.models.spec import Architecture, ModelSpec
+from properties.targets.protocol import Unsupported
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -111,6 +112,9 @@ def build_base(spec: ModelSpec) -> nn.Module:
     A copy of a cached prototype: constructing a transformers model runs its weight initialisation
     (most of an example's time), and every parameter is overwritten from the spec anyway."""
     key = (spec.architecture, tuple(sorted(spec.config.items())), spec.dtype, spec.device)
+    why = cannot_run(*key)
+    if why is not None:
+        raise Unsupported(why)
     model = copy.deepcopy(_prototype(*key))
     load_base(model, spec.base)
     return model.eval()
@@ -121,6 +125,27 @@ def _prototype(arch: Architecture, frozen_config: tuple, dtype: torch.dtype, dev
     config = make_config(arch, dict(frozen_config))
     with torch.device(device):
         return model_class(arch)._from_config(config, **dtype_kw(dtype)).eval()
+
+
+@functools.lru_cache(maxsize=32)
+@torch.no_grad()
+def cannot_run(arch: Architecture, frozen_config: tuple, dtype: torch.dtype, device: str) -> str | None:
+    """Why the installed transformers cannot run the plain base model (no LoRA anywhere) in ``dtype``, or
+    None. Older releases paired with old PEFT releases have such gaps (transformers 4.36's Llama builds
+    its causal mask from ``finfo(float64).min`` in float32 and raises in float64); a base that cannot run
+    asks nothing of LoRA, so its cells are skipped with this reason instead of blamed on the target."""
+    model = _prototype(arch, frozen_config, dtype, device)
+    ids = torch.zeros((2, 3), dtype=torch.long, device=device)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]], device=device)  # left padding, as the examples draw
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    except Exception as e:  # noqa: BLE001 - any failure of the bare base model is the reason
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        return (
+            f"transformers {transformers().__version__} cannot run a plain {model_class(arch).__name__} in "
+            f"{str(dtype).removeprefix('torch.')} ({type(e).__name__}: {first}): no LoRA involved"
+        )
+    return None
 
 
 @torch.no_grad()

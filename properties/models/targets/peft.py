@@ -12,9 +12,11 @@ judges behaviour, and warnings are recorded as what the library reported, not as
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +28,28 @@ from properties.models.protocol import full_model_capabilities
 from properties.models.spec import ModelAdapter, ModelSpec
 from properties.models.targets._torch import TorchModelHandle
 from properties.targets.peft_target import _peft, _set
-from properties.targets.protocol import Capabilities
+from properties.targets.protocol import Capabilities, Unsupported
 
 PREFIX = "base_model.model"
 
 
 def _config(adapter: ModelAdapter) -> Any:
+    """One ``LoraConfig``; an option is passed only when on, so releases without the field
+    (``use_rslora`` before 0.8, ``use_dora`` before 0.9) still take every config that does not use it."""
     first = next(iter(adapter.modules.values()))
+    options = {"use_rslora": adapter.use_rslora, "use_dora": adapter.use_dora}
+    fields = inspect.signature(_peft().LoraConfig).parameters
+    for field, on in options.items():
+        if on and field not in fields:
+            raise Unsupported(f"peft {_peft().__version__}: LoraConfig has no {field}")
     return _peft().LoraConfig(
         target_modules=list(adapter.modules),
         r=first.r,
         lora_alpha=first.alpha,
         rank_pattern={p: a.r for p, a in adapter.modules.items()},
         alpha_pattern={p: a.alpha for p, a in adapter.modules.items()},
-        use_rslora=adapter.use_rslora,
-        use_dora=adapter.use_dora,
         init_lora_weights=False,
+        **{field: True for field, on in options.items() if on},
     )
 
 
@@ -116,7 +124,12 @@ class PeftModelHandle(TorchModelHandle):
 
     def merge(self, *, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
         names = None if adapter_names is None else list(adapter_names)
-        self.peft_model.merge_adapter(adapter_names=names, safe_merge=safe)
+        if not safe:  # PEFT < 0.16: merge_adapter has no safe_merge keyword at all
+            self.peft_model.merge_adapter(adapter_names=names)
+            return
+        if "safe_merge" not in inspect.signature(self.peft_model.merge_adapter).parameters:
+            raise Unsupported(f"peft {_peft().__version__}: merge_adapter has no safe_merge")
+        self.peft_model.merge_adapter(adapter_names=names, safe_merge=True)
 
     def unmerge(self) -> None:
         self.peft_model.unmerge_adapter()
@@ -180,8 +193,28 @@ class PeftModelTarget:
     def version(self) -> str:
         return str(_peft().__version__)
 
+    @cached_property
+    def _capabilities(self) -> Capabilities:
+        """Every model operation and option, less the options the installed ``LoraConfig`` lacks
+        (``use_rslora`` from 0.8, ``use_dora`` from 0.9): detected by field, not by a version table."""
+        full = full_model_capabilities()
+        fields = inspect.signature(_peft().LoraConfig).parameters
+        notes = dict(full.notes)
+        options = set(full.options)
+        for option, field in (("rslora", "use_rslora"), ("dora", "use_dora")):
+            if field not in fields:
+                options.discard(option)
+                notes[option] = f"peft {self.version()}: LoraConfig has no {field}"
+        return Capabilities(
+            layers=full.layers,
+            dtypes=full.dtypes,
+            operations=full.operations,
+            options=frozenset(options),
+            notes=notes,
+        )
+
     def capabilities(self) -> Capabilities:
-        return full_model_capabilities()
+        return self._capabilities
 
     def build_base(self, spec: ModelSpec) -> PeftModelHandle:
         return PeftModelHandle(archs.build_base(spec), peft_wrapped=False)

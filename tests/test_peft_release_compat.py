@@ -1,0 +1,125 @@
+"""The PEFT model target on releases that lack an API (0.7-0.15): capabilities detected by feature, and
+no keyword sent that the release does not take, so those cells are skipped with a reason, not errors."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from properties.models.spec import ModelAdapter  # noqa: E402
+from properties.models.targets import peft as peft_model  # noqa: E402
+from properties.spec import AdapterSpec  # noqa: E402
+from properties.targets.protocol import Unsupported  # noqa: E402
+
+
+def _old_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in PEFT 0.7 for the target: a LoraConfig without use_rslora / use_dora."""
+
+    def lora_config(
+        target_modules=None, r=8, lora_alpha=8, rank_pattern=None, alpha_pattern=None, init_lora_weights=True
+    ):
+        return {"target_modules": target_modules, "r": r}
+
+    fake = types.SimpleNamespace(__version__="0.7.1", LoraConfig=lora_config)
+    monkeypatch.setattr(peft_model, "_peft", lambda: fake)
+
+
+class _OldPeftModel:
+    """PEFT 0.7-0.15's ``merge_adapter(adapter_names=None)``: no safe_merge keyword."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def merge_adapter(self, adapter_names=None) -> None:
+        self.calls.append(adapter_names)
+
+
+def test_options_the_release_lacks_are_not_declared(monkeypatch):
+    _old_peft(monkeypatch)
+    caps = peft_model.PeftModelTarget().capabilities()
+    assert "rslora" not in caps.options and "dora" not in caps.options
+    assert caps.notes["rslora"] == "peft 0.7.1: LoraConfig has no use_rslora"
+    assert caps.notes["dora"] == "peft 0.7.1: LoraConfig has no use_dora"
+    assert "multi_adapter" in caps.options
+
+
+def test_configs_without_rslora_or_dora_build_and_with_them_are_unsupported(monkeypatch):
+    _old_peft(monkeypatch)
+    ab = AdapterSpec(name="a", A=torch.ones(1, 2), B=torch.ones(2, 1), r=1, alpha=1.0)
+    plain = ModelAdapter("a", {"model.layers.0.mlp.up_proj": ab})
+    assert peft_model._config(plain) == {"target_modules": ["model.layers.0.mlp.up_proj"], "r": 1}
+    for option, field in (("use_rslora", "use_rslora"), ("use_dora", "use_dora")):
+        adapter = ModelAdapter("a", {"model.layers.0.mlp.up_proj": ab}, **{option: True})
+        with pytest.raises(Unsupported, match=f"peft 0.7.1: LoraConfig has no {field}"):
+            peft_model._config(adapter)
+
+
+def test_installed_release_declares_the_options_its_config_has():
+    import inspect
+
+    import peft
+
+    fields = inspect.signature(peft.LoraConfig).parameters
+    caps = peft_model.PeftModelTarget().capabilities()
+    assert ("rslora" in caps.options) == ("use_rslora" in fields)
+    assert ("dora" in caps.options) == ("use_dora" in fields)
+
+
+def test_plain_merge_sends_no_safe_merge_keyword_and_safe_merge_is_unsupported(monkeypatch):
+    _old_peft(monkeypatch)
+    model = _OldPeftModel()
+    handle = peft_model.PeftModelHandle(model, peft_wrapped=True)
+    handle.merge(adapter_names=["a"])
+    handle.merge()
+    assert model.calls == [["a"], None]
+    with pytest.raises(Unsupported, match="peft 0.7.1: merge_adapter has no safe_merge"):
+        handle.merge(safe=True)
+    assert model.calls == [["a"], None]
+
+
+class _BrokenBase(torch.nn.Module):
+    """A base model whose own forward fails, as transformers 4.36's Llama does in float64."""
+
+    def forward(self, input_ids, attention_mask):
+        raise RuntimeError("value cannot be converted to type float without overflow")
+
+
+def test_a_base_model_the_installed_transformers_cannot_run_is_a_reason_not_an_error(monkeypatch):
+    from properties.models import architectures as archs
+
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(archs, "_prototype", lambda *key: _BrokenBase())
+    archs.cannot_run.cache_clear()
+    try:
+        why = archs.cannot_run("llama", (("vocab_size", 8),), torch.float64, "cpu")
+    finally:
+        archs.cannot_run.cache_clear()
+    assert why is not None
+    assert "cannot run a plain LlamaForCausalLM in float64" in why
+    assert "RuntimeError: value cannot be converted to type float without overflow" in why
+    assert "no LoRA involved" in why
+
+
+def test_the_installed_transformers_runs_every_architecture_in_every_dtype():
+    """The probe finds nothing to skip on the release the suite is tested with (transformers 5)."""
+    from properties.models import architectures as archs
+    from properties.spec import DTYPES
+
+    pytest.importorskip("transformers")
+    llama = dict(vocab_size=8, hidden_size=4, head_dim=2, intermediate_size=4, num_hidden_layers=1)
+    llama.update(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    configs = {
+        "llama": {**llama, "tie_word_embeddings": False},
+        "llama_tied": {**llama, "tie_word_embeddings": True},
+        "gpt2": dict(vocab_size=8, n_embd=2, n_head=1, n_layer=1, n_inner=2, n_positions=8),
+        "bert": dict(
+            vocab_size=8, hidden_size=2, num_attention_heads=1, intermediate_size=2, num_hidden_layers=1
+        ),
+    }
+    for arch, config in configs.items():
+        for dtype in DTYPES.values():
+            assert archs.cannot_run(arch, tuple(sorted(config.items())), dtype, "cpu") is None, (arch, dtype)
