@@ -30,7 +30,8 @@ class QuantState:
     them in the compute dtype, rounded from the float32 values its codes were chosen with; 0 where
     the codes were chosen with the stored values). ``decode_roundings``: roundings in the compute
     dtype when the library dequantizes (HQQ: ``(c - z)`` and the product with the scale).
-    ``round_zero``: HQQ rounds its zero point to an integer (its 4-bit default). ``scale_codebook``/``scale_block``: bnb double quantization, the
+    ``round_zero``: HQQ rounds its zero point to an integer (its 4-bit default).
+    ``scale_codebook``/``scale_block``: bnb double quantization, the
     8-bit code book and block size the scales themselves were coded with (None without).
     ``input_roundoff``: the unit roundoff of the dtype the quantizer rounds its input to first (bnb
     8-bit quantizes a float16 copy).

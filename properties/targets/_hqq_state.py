@@ -74,7 +74,6 @@ def hqq_state(layer: Any) -> QuantState:
     codes = levels.reshape(-1).to(torch.int64).cpu()
     nbits = int(meta["nbits"])
     opt = " opt" if params.get("optimize") else ""
-    compute = layer.compute_dtype
     return QuantState(
         format=f"hqq {nbits}bit g{group}{opt}",
         shape=shape,
