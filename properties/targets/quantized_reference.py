@@ -184,12 +184,17 @@ class QuantizedReferenceTarget:
     handle = QuantizedReferenceHandle
 
     def version(self) -> str:
-        try:
-            import bitsandbytes
+        parts = []
+        for name, label in (("bitsandbytes", "bnb"), ("torchao", "torchao"), ("hqq", "hqq")):
+            try:
+                parts.append(f"{label} {__import__(name).__version__}")
+            except ImportError:
+                parts.append(f"{label} missing")
+            except AttributeError:  # hqq has no __version__
+                from importlib.metadata import version
 
-            return f"bnb {bitsandbytes.__version__}"
-        except ImportError:
-            return "bitsandbytes missing"
+                parts.append(f"{label} {version(name)}")
+        return ", ".join(parts)
 
     def capabilities(self) -> Capabilities:
         layers, notes = set(), {}
