@@ -277,3 +277,17 @@ def test_peft_quantized_cells_pass(cell: Cell) -> None:
 
     result = _run(PEFT, cell, 4)
     assert result.status == "passed", f"{cell}: {result.status}: {result.message}"
+
+
+def test_peft_declares_hqq_by_feature() -> None:
+    """PEFT's HQQ kinds are detected by feature; a LoRA bias on them is drawn only where
+    HqqLoraLinear takes one (0.21.2 refuses it: a note says why)."""
+    pytest.importorskip("hqq")
+    pytest.importorskip("peft")
+    from properties.spec import HQQ_KINDS
+    from properties.targets.peft_target import TARGET as PEFT
+
+    caps = PEFT.capabilities()
+    assert set(HQQ_KINDS) <= caps.layers
+    assert ("hqq_lora_bias" in caps.options) != ("hqq_lora_bias" in caps.notes)
+    assert "hqq_lora_bias" in TARGET.capabilities().options  # the quantized reference merges one
