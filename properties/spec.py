@@ -31,7 +31,8 @@ import torch
 LayerKind = Literal["linear", "embedding", "conv1d", "conv2d", "conv3d", "mha"]
 LAYER_KINDS: tuple[LayerKind, ...] = ("linear", "embedding", "conv1d", "conv2d", "conv3d", "mha")
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
-QUANT_KINDS: tuple[str, ...] = ("bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8")
+HQQ_KINDS: tuple[str, ...] = ("hqq_8bit", "hqq_4bit", "hqq_3bit", "hqq_2bit")
+QUANT_KINDS: tuple[str, ...] = ("bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8", *HQQ_KINDS)
 """Linear layers on a quantized base (``properties/quantized``): run only when named in ``--layers``."""
 
 DTYPES: dict[str, torch.dtype] = {
@@ -65,19 +66,23 @@ class ConvOptions:
 class QuantSpec:
     """How the base weight of a quantized linear layer is stored (``kind`` is one of ``QUANT_KINDS``).
 
-    ``block``: elements per scale (bnb 4-bit blocksize; 0 = one scale per output row); ``bits``: code
-    width; ``double_quant``: bnb's 8-bit coding of the 4-bit block scales."""
+    ``block``: elements per scale (bnb 4-bit blocksize, HQQ group size; 0 = one scale per output row);
+    ``bits``: code width; ``double_quant``: bnb's 8-bit coding of the 4-bit block scales; ``optimize``:
+    HQQ's zero-point optimiser (``optimize=True``, its default) instead of plain min/max."""
 
     kind: str
     bits: int
     block: int = 0
     double_quant: bool = False
+    optimize: bool = False
 
     @property
     def label(self) -> str:
         """Short name for reports, e.g. ``nf4 b64 dq`` or ``int8 per-row``."""
         if self.kind in ("bnb_nf4", "bnb_fp4"):
             return f"{self.kind[4:]} b{self.block}" + (" dq" if self.double_quant else "")
+        if self.kind in HQQ_KINDS:
+            return f"hqq {self.bits}bit g{self.block}" + (" opt" if self.optimize else "")
         return f"{self.kind.split('_', 1)[1]} per-row" if self.kind == "bnb_int8" else "torchao int8 per-row"
 
 

@@ -40,6 +40,7 @@ class Draw:
     min_batch: int = 0  # leading batch dims of x (mixed batch needs one)
     need_bias: bool = False
     device: str = "cpu"
+    fan_steps: tuple[int, int] = (1, 1)  # linear: (in, out) drawn as multiples of these (HQQ groups)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ def examples(draw: st.DrawFn, d: Draw, hostile: bool = False) -> Example | tuple
     num_heads = 1
     batch = [draw(_ints(1, 4)) for _ in range(draw(_ints(d.min_batch, max(d.min_batch, 2))))]
     if d.kind == "linear":
-        fan_in, fan_out = draw(_ints(1, 40)), draw(_ints(1, 40))
+        (si, so), top = d.fan_steps, 40
+        fan_in, fan_out = si * draw(_ints(1, max(1, top // si))), so * draw(_ints(1, max(1, top // so)))
         x_shape: tuple[int, ...] = (*batch, fan_in)
         w_shape: tuple[int, ...] = (fan_out, fan_in)
         r_cap, r_step = min(fan_in, fan_out), 1

@@ -3,7 +3,9 @@
 Each must fail its cell (``tests/test_quantized.py``), which shows the quantized properties see:
 a delta added in the wrong scale (in units of the block scale, as if added to the normalised codes),
 blocks requantized with the old scale (no new absmax where the delta moved it), a safe merge that
-writes the codes before checking, and a delta computed in 8-bit (row-wise int8) before adding.
+writes the codes before checking, and a delta computed in 8-bit (row-wise int8) before adding; on HQQ:
+codes rounded down instead of to the nearest level, blocks kept on the old grid, the base bias
+dropped by the merge, the delta in code units and a safe merge writing first.
 """
 
 from __future__ import annotations
@@ -48,6 +50,33 @@ class DeltaInt8(QuantizedReferenceHandle):
         return bf.int8_vectorwise_dequant(q, s).to(F64)
 
 
+class HqqFloor(QuantizedReferenceHandle):
+    """HQQ's grid, but codes rounded down (floor) instead of to the nearest level."""
+
+    def requantize(self, v: torch.Tensor) -> QuantState:
+        qs = super().requantize(v)
+        t = v.reshape(-1) / qs.per_element(qs.scale) + qs.per_element(qs.zero)
+        return replace(qs, codes=t.floor().clamp(0, qs.codebook.numel() - 1).long())
+
+
+class HqqOldGrid(QuantizedReferenceHandle):
+    """Blocks requantized on the old HQQ grid (old scale and zero), not the merged weights' min/max."""
+
+    def requantize(self, v: torch.Tensor) -> QuantState:
+        qs = self.state
+        t = v.reshape(-1) / qs.per_element(qs.scale) + qs.per_element(qs.zero)
+        return replace(qs, codes=t.round().clamp(0, qs.codebook.numel() - 1).long())
+
+
+class HqqDropsBias(QuantizedReferenceHandle):
+    """A merge that rebuilds the quantized layer without its bias (as PEFT's HqqLoraLinear does)."""
+
+    def merge(self, *, adapter_names=None, safe=False):
+        super().merge(adapter_names=adapter_names, safe=safe)
+        if self.merged and self.bias is not None:
+            self.bias = torch.zeros_like(self.bias)
+
+
 @dataclass(frozen=True)
 class QuantMutant:
     name: str
@@ -72,5 +101,10 @@ QUANT_MUTANTS = {
         QuantMutant("old_scale_int8", OldScale, "merge_roundtrip", "bnb_int8"),
         QuantMutant("safe_merge_writes_first", SafeMergeWritesFirst, "safe_merge_atomic", "bnb_fp4"),
         QuantMutant("delta_int8", DeltaInt8, "merge_equivalence", "bnb_int8", max_examples=60),
+        QuantMutant("hqq_delta_in_code_units", DeltaInCodeUnits, "merge_equivalence", "hqq_4bit"),
+        QuantMutant("hqq_floor", HqqFloor, "merge_equivalence", "hqq_3bit"),
+        QuantMutant("hqq_old_grid", HqqOldGrid, "merge_roundtrip", "hqq_8bit"),
+        QuantMutant("hqq_drops_bias", HqqDropsBias, "merge_equivalence", "hqq_2bit", "bfloat16"),
+        QuantMutant("hqq_safe_merge_writes_first", SafeMergeWritesFirst, "safe_merge_atomic", "hqq_4bit"),
     )
 }

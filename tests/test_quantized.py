@@ -9,6 +9,7 @@ its cell with a shrunk example and a replay command.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -46,10 +47,19 @@ REFERENCE_CELLS += [
 ]
 
 
+REFERENCE_CELLS += [Cell(p, "hqq_4bit", "bfloat16") for p in QUANTIZED] + [
+    Cell(p, layer, dtype)
+    for p in ("merge_equivalence", "merge_roundtrip", "merge_cycle_drift")
+    for layer, dtype in (("hqq_8bit", "float16"), ("hqq_3bit", "float32"), ("hqq_2bit", "bfloat16"))
+]
+
+
 @pytest.mark.parametrize("cell", REFERENCE_CELLS, ids=str)
 def test_quantized_reference_passes(cell: Cell) -> None:
     if cell.layer.startswith("torchao"):
         pytest.importorskip("torchao")
+    if cell.layer.startswith("hqq"):
+        pytest.importorskip("hqq")
     result = _run(TARGET, cell)
     assert result.status == "passed", f"{cell}: {result.status}: {result.message}\n{result.example}"
     assert result.examples > 0
@@ -156,7 +166,106 @@ def test_tolerance_rows() -> None:
     ]
 
 
+def _hqq_spec(bits: int, group: int, shape, optimize: bool, dtype=torch.float32, seed: int = 0) -> LayerSpec:
+    g = torch.Generator().manual_seed(seed)
+    w = (0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    return LayerSpec(
+        "linear", dtype, w, (), quant=QuantSpec(f"hqq_{bits}bit", bits, group, optimize=optimize)
+    )
+
+
+HQQ_CASES = [
+    (bits, group, shape, opt, dtype)
+    for bits, group, shape in ((8, 16, (4, 12)), (4, 8, (2, 24)), (3, 32, (8, 8)), (2, 16, (8, 16)))
+    for opt in (False, True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+]
+
+
+@pytest.mark.parametrize("bits,group,shape,opt,dtype", HQQ_CASES)
+def test_hqq_decode_and_requant_bound(bits, group, shape, opt, dtype) -> None:
+    """The canonical decode equals HQQ's own dequantize (two roundings in the compute dtype); HQQ's
+    quantizer lands within the grid-only bound, nearly attains it, and stores the min/max scale;
+    a grid kept from other weights (the old scale) fails the scale check."""
+    pytest.importorskip("hqq")
+    from properties.precision import UNIT_ROUNDOFF
+    from properties.targets._hqq_state import hqq_modules, hqq_state, quant_config
+
+    spec = _hqq_spec(bits, group, shape, opt, dtype)
+    v = spec.weight.to(torch.float64) * 1.37
+    qs = quantize(spec, v)
+    assert qs.format == spec.quant.label and qs.scale_rule == "minmax"
+    hqq_linear, _ = hqq_modules()
+    layer = hqq_linear(None, quant_config(spec.quant), compute_dtype=dtype, device="cpu")
+    cfg = quant_config(spec.quant)
+    cfg.pop("offload_meta")
+    layer.quantize(v, **cfg)
+    assert torch.equal(hqq_state(layer).codes, qs.codes)
+    decoded = qs.decode()
+    rel = model.dequant_rounding(qs, UNIT_ROUNDOFF[dtype])
+    assert ((layer.dequantize().to(torch.float64) - decoded).abs() <= rel * decoded.abs()).all()
+    delta = (qs.input_roundoff + 3 * model.U32) * v.abs()
+    err, bound = (decoded - v).abs(), model.requant_bound(qs, v, delta)
+    assert (err <= bound).all()
+    # A zero stored in half precision shifts the grid by up to u |z| s, counted twice (worst case).
+    assert float((err / bound).max()) > (0.5 if dtype == torch.float32 else 0.3)
+    scales = model.scale_expected(qs, v, delta)
+    assert ((qs.scale - scales.exact).abs() <= scales.bound).all()
+    stale = quantize(spec, spec.weight.to(torch.float64))  # min/max of other weights
+    assert ((stale.scale - scales.exact).abs() > scales.bound).any()
+
+
+def test_hqq_chain_bound_holds() -> None:
+    """Three adapters requantized one after the other (min/max zero): the final weights stay within
+    the bound that adds the unobserved intermediate steps; with the optimiser no bound is claimed."""
+    pytest.importorskip("hqq")
+    from properties.precision import Arithmetic
+    from properties.spec import AdapterSpec
+
+    arith = Arithmetic.for_dtype(torch.float32)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        adapters = tuple(
+            AdapterSpec(n, 2, 1.0, 0.3 * torch.randn(2, 8, generator=g), torch.randn(4, 2, generator=g))
+            for n in ("default", "other", "third")
+        )
+        spec = replace(_hqq_spec(4, 8, (4, 8), False, seed=seed), adapters=adapters)
+        qs0 = quantize(spec, spec.weight.to(torch.float64))
+        qs = qs0
+        for a in adapters:
+            qs = quantize(spec, qs.decode() + a.scaling * (a.B.double() @ a.A.double()))
+        exp, _, bound = model.merged_weight_expected(spec, qs0, qs, spec.adapter_names, arith)
+        assert ((qs.decode() - exp.exact).abs() <= bound).all()
+        with pytest.raises(model.NoChainBound):
+            model.merged_weight_expected(
+                spec, replace(qs0, zero_optimised=True), qs, spec.adapter_names, arith
+            )
+
+
+def test_hqq_strategy_draws_shapes_that_fit() -> None:
+    """Every drawn HQQ example has a weight size HQQ can pack, and one adapter when optimising."""
+    pytest.importorskip("hqq")
+    from hypothesis import given, settings
+
+    from properties.strategies import Draw, examples
+    from properties.targets._hqq_state import check_shape
+
+    seen = set()
+
+    @settings(max_examples=60, database=None, deadline=None)
+    @given(examples(Draw(kind="hqq_2bit", dtype=torch.float32, options=frozenset({"multi_adapter"}))))
+    def check(ex) -> None:
+        q = ex.spec.quant
+        check_shape(tuple(ex.spec.weight.shape), q.block, q.bits)
+        assert not q.optimize or len(ex.spec.adapters) == 1
+        seen.add((q.block, q.optimize, ex.spec.weight.shape[1] % q.block != 0))
+
+    check()
+    assert len({b for b, _, _ in seen}) > 2 and any(cross for _, _, cross in seen)
+
+
 PEFT_CELLS = [Cell(p, "bnb_nf4", "float32") for p in ("reference_forward", "merge_equivalence")]
+PEFT_CELLS += [Cell(p, "hqq_4bit", "bfloat16") for p in ("reference_forward", "merge_cycle_drift")]
 
 
 @pytest.mark.parametrize("cell", PEFT_CELLS, ids=str)
@@ -168,3 +277,17 @@ def test_peft_quantized_cells_pass(cell: Cell) -> None:
 
     result = _run(PEFT, cell, 4)
     assert result.status == "passed", f"{cell}: {result.status}: {result.message}"
+
+
+def test_peft_declares_hqq_by_feature() -> None:
+    """PEFT's HQQ kinds are detected by feature; a LoRA bias on them is drawn only where
+    HqqLoraLinear takes one (0.21.2 refuses it: a note says why)."""
+    pytest.importorskip("hqq")
+    pytest.importorskip("peft")
+    from properties.spec import HQQ_KINDS
+    from properties.targets.peft_target import TARGET as PEFT
+
+    caps = PEFT.capabilities()
+    assert set(HQQ_KINDS) <= caps.layers
+    assert ("hqq_lora_bias" in caps.options) != ("hqq_lora_bias" in caps.notes)
+    assert "hqq_lora_bias" in TARGET.capabilities().options  # the quantized reference merges one

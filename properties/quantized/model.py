@@ -26,6 +26,18 @@ again. From the codes a target stores (``QuantState``), in float64:
   bound as above (``V'' = D(W') - ΔW``): requantizing twice is not exact, a weight may move by up to
   about one grid step per requantization. **n cycles**: ``2n`` requantizations, so the bound grows
   linearly with n; what is measured is reported per cycle count (``cycles`` in the samples).
+* **HQQ** (``scale_rule="minmax"``): an affine grid per group, ``(c - z) s`` with ``c`` in
+  ``0..2^b-1``. The codes are the nearest levels to ``V / s* + z*`` for the float32 scale and zero
+  HQQ computed; it stores ``s`` and ``z`` rounded to the compute dtype, so the stored grid may sit
+  ``|V| e + u |z| s`` away from the one the codes were chosen on (``e``: the scale's relative
+  rounding): ``|D(Wq') - V| <= dist(V, stored grid) + 2 δ + 2 (|V| e + u |z| s) + float32
+  evaluation``. This is a grid-only claim, true whatever the zero point is, so it holds for HQQ's
+  zero-point optimiser (``optimize=True``) as for plain min/max. The scale is min/max in both (the
+  optimiser moves only the zero): ``s = (max - min) / (2^b - 1)`` per group, 1 for a range at most
+  ``1e-4``, at least ``1 / 2e4``, and is checked. Several adapters in one call: an intermediate
+  requantization with a min/max zero is off by at most half a step of its grid (plus the stored
+  grid's shift; up to the group's magnitude where its range may be below ``1e-4``); with an
+  optimised zero nothing bounds it a priori (``NoChainBound``).
 """
 
 from __future__ import annotations
@@ -42,6 +54,20 @@ from properties.spec import LayerSpec
 
 U32 = 2.0**-24
 U16 = 2.0**-11
+HQQ_MIN_RANGE = 1e-4
+"""HQQ sets a group's scale to 1 where ``max - min <= 1e-4`` (``Quantizer.quantize``)."""
+HQQ_MAX_INV_SCALE = 2e4
+"""HQQ clamps ``1 / scale`` at ``2e4``: a scale is never below ``5e-5``."""
+
+
+class NoChainBound(ValueError):
+    """No a priori bound exists for an unobservable intermediate requantization (an optimised
+    zero point): a multi-adapter merge in one call is outside the claim."""
+
+
+def dequant_rounding(qs: QuantState, u: float) -> float:
+    """Relative error of the library's own dequantize in a dtype of unit roundoff ``u``."""
+    return (1.0 + u) ** qs.decode_roundings - 1.0
 
 
 def decoded_spec(spec: LayerSpec, qs: QuantState) -> LayerSpec:
@@ -93,7 +119,7 @@ def float_rounding(
     dspec = decoded_spec(spec, qs_in)
     merge = weights_expected(dspec, list(adapters), arith)["weight"].bound if adapters else 0.0
     d_abs = dspec.weight.abs()
-    return merge + arith.u * d_abs + (qs_in.input_roundoff + 3 * U32) * v.abs()
+    return merge + dequant_rounding(qs_in, arith.u) * d_abs + (qs_in.input_roundoff + 3 * U32) * v.abs()
 
 
 def requant_bound(qs_out: QuantState, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -103,7 +129,10 @@ def requant_bound(qs_out: QuantState, v: torch.Tensor, delta: torch.Tensor) -> t
     An absmax quantizer picks the code nearest to ``v / a`` with ``a`` the block absmax of what it was
     handed (within ``max δ`` of ``v``'s), then stores the scale (coded again with double
     quantization): ``dist(v, grid_a) + 2 δ + 2 max δ + cmax |s - a|``; the scale's own error is
-    checked apart (``scale_expected``). Otherwise the nearest point of the stored grid."""
+    checked apart (``scale_expected``). HQQ's affine grid: the nearest point of the stored grid plus
+    twice the stored grid's shift (``_grid_shift``). Otherwise the nearest point of the stored grid."""
+    if qs_out.scale_rule == "minmax":
+        return grid_distance(qs_out, v) + 2 * delta + 2 * _grid_shift(qs_out, v.abs() + delta)
     if qs_out.scale_rule != "absmax":
         return grid_distance(qs_out, v) + 2 * delta
     cmax = float(qs_out.codebook.abs().max())
@@ -111,6 +140,25 @@ def requant_bound(qs_out: QuantState, v: torch.Tensor, delta: torch.Tensor) -> t
     dmax = qs_out.per_element(_blocks(qs_out, delta).max(dim=1).values).reshape(v.shape)
     moved = qs_out.per_element((qs_out.scale - a).abs() * cmax).reshape(v.shape)
     return grid_distance(qs_out, v, a) + 2 * delta + 2 * dmax + moved
+
+
+def _grid_shift(qs: QuantState, vabs: torch.Tensor) -> torch.Tensor:
+    """Per element: how far the stored affine grid may sit from the one the codes were chosen on,
+    ``s |t - t_s|`` with ``t = V / s* + z*``: the scale was inverted in float32 and stored with
+    ``meta_roundoff`` (relative ``e``), the zero stored with ``meta_roundoff``; plus half the float32
+    evaluation of ``V s*^-1 + z*`` (the caller doubles it)."""
+    s = qs.per_element(qs.scale).reshape(vabs.shape).abs()
+    z = qs.per_element(qs.zero).reshape(vabs.shape).abs() if qs.zero is not None else torch.zeros_like(vabs)
+    e = (qs.meta_roundoff + U32) * 1.01
+    shift = e * vabs + qs.meta_roundoff * 1.01 * z * s
+    return shift + U32 * 1.01 * (2 * vabs + z * s) / 2
+
+
+def _minmax_scale(qs: QuantState, rng: torch.Tensor) -> torch.Tensor:
+    """HQQ's scale for a group of range ``rng`` (before storage)."""
+    levels = qs.codebook.numel() - 1
+    s = (rng / levels).clamp(min=1.0 / HQQ_MAX_INV_SCALE)
+    return torch.where(rng > HQQ_MIN_RANGE, s, torch.ones_like(s))
 
 
 def _dq_term(qs: QuantState, absmax: torch.Tensor) -> torch.Tensor:
@@ -128,7 +176,23 @@ def _dq_term(qs: QuantState, absmax: torch.Tensor) -> torch.Tensor:
 
 
 def scale_expected(qs_out: QuantState, v: torch.Tensor, delta: torch.Tensor) -> Expected | None:
-    """The scale a correct absmax quantizer stores for ``v`` (None for optimised scales)."""
+    """The scale a correct absmax (or HQQ min/max) quantizer stores for ``v`` (None for free scales).
+
+    HQQ: ``fl(1 / fl(levels / fl(max - min)))`` stored with ``meta_roundoff``; the range of the value
+    it was handed is within ``2 max δ`` (and a float32 subtraction) of ``V``'s. Where that slack
+    straddles ``1e-4`` either branch is correct."""
+    if qs_out.scale_rule == "minmax":
+        levels = qs_out.codebook.numel() - 1
+        vb = _blocks(qs_out, v)
+        rng = vb.max(dim=1).values - vb.min(dim=1).values
+        slack = 2 * _blocks(qs_out, delta).max(dim=1).values + 2 * U32 * rng
+        exact = _minmax_scale(qs_out, rng)
+        bound = slack / levels + (qs_out.meta_roundoff + 4 * U32) * 1.01 * exact
+        either = (rng - HQQ_MIN_RANGE).abs() <= slack * 1.01
+        near = ((rng + slack) / levels).clamp(min=1.0 / HQQ_MAX_INV_SCALE)  # the other branch's scale
+        other = torch.where(rng > HQQ_MIN_RANGE, torch.ones_like(rng), near)
+        bound = torch.where(either, torch.maximum(bound, (other - exact).abs() + bound), bound)
+        return Expected(exact, bound, exact)
     if qs_out.scale_rule != "absmax":
         return None
     div = qs_out.divisor
@@ -138,16 +202,58 @@ def scale_expected(qs_out: QuantState, v: torch.Tensor, delta: torch.Tensor) -> 
     return Expected(absmax, bound, absmax)
 
 
+def _affine_chain(
+    qs_in: QuantState, spec: LayerSpec, steps: Sequence[str], sign: float, delta: torch.Tensor, u: float
+) -> torch.Tensor:
+    """HQQ with a min/max zero: ``E``, the accumulated error of the intermediate weights after the
+    requantizations before the last. Each is off its input by at most half a step of its grid
+    (``range / levels``, the range grown by the errors so far) plus the stored grid's shift
+    (``|z| s <= S``, the group's magnitude) and its own dequantize; where the group's range may be
+    at most ``1e-4`` (scale 1) by at most the group's magnitude (zero rounded) or ``1e-4``."""
+    levels = qs_in.codebook.numel() - 1
+    v = qs_in.decode()
+    acc = torch.zeros(qs_in.shape, dtype=F64)
+    e_meta = (qs_in.meta_roundoff + U32) * 1.01
+    for n in steps:
+        v = v + sign * oracle.lora_delta(spec, spec.adapter(n))
+        err = _blocks(qs_in, acc + delta).max(dim=1).values
+        vb = _blocks(qs_in, v)
+        rng = vb.max(dim=1).values - vb.min(dim=1).values
+        big = _blocks(qs_in, v.abs() + acc + delta).max(dim=1).values
+        half = ((rng + 2 * err) / levels).clamp(min=1.0 / HQQ_MAX_INV_SCALE) * (1 + e_meta) / 2
+        small = big * float(qs_in.round_zero) + HQQ_MIN_RANGE * 1.01
+        maybe_small = rng - 2 * err <= HQQ_MIN_RANGE * 1.01
+        step = torch.where(maybe_small, torch.maximum(half, small), half)
+        step = step + 2 * (e_meta + qs_in.meta_roundoff * 1.01) * big + 3 * U32 * 1.01 * big
+        step = step + dequant_rounding(qs_in, u) * big
+        acc = acc + qs_in.per_element(step).reshape(qs_in.shape) + delta
+    return acc
+
+
 def chain_term(
-    qs_in: QuantState, spec: LayerSpec, adapters: Sequence[str], delta: torch.Tensor
+    qs_in: QuantState,
+    spec: LayerSpec,
+    adapters: Sequence[str],
+    delta: torch.Tensor,
+    *,
+    sign: float = 1.0,
+    u: float = 0.0,
 ) -> torch.Tensor:
     """Per element: what the unobservable intermediate requantizations of a multi-adapter merge may
     add (zero for one adapter): ``2 Σ_j (G/2 · S + 2 δ)`` over the ``k - 1`` earlier steps, with
     ``S`` an upper bound of any intermediate block scale (``|D| + Σ|ΔW|`` per block, grown by the
-    double-quantization error)."""
+    double-quantization error). HQQ: ``2 E`` (``_affine_chain``); ``adapters`` in the order they are
+    applied, ``sign`` -1 for an unmerge, ``u`` the compute dtype's unit roundoff."""
     k = len(adapters)
     if k <= 1:
         return torch.zeros(qs_in.shape, dtype=F64)
+    if qs_in.scale_rule == "minmax":
+        if qs_in.zero_optimised:
+            raise NoChainBound(
+                "several adapters requantized in one call with HQQ's optimised zero point: no a priori "
+                "bound on the unobserved intermediate weights"
+            )
+        return 2 * _affine_chain(qs_in, spec, list(adapters)[:-1], sign, delta, u)
     total = qs_in.decode().abs()
     for n in adapters:
         total = total + oracle.lora_delta(spec, spec.adapter(n), magnitude=True)
@@ -169,7 +275,7 @@ def merged_weight_expected(
     dspec = decoded_spec(spec, qs_in)
     v = oracle.merged_weights(dspec, list(adapters))["weight"]
     delta = float_rounding(spec, qs_in, adapters, arith, v)
-    chain = chain_term(qs_in, spec, adapters, delta)
+    chain = chain_term(qs_in, spec, adapters, delta, u=arith.u)
     bound = requant_bound(qs_out, v, delta) + chain
     scales = scale_expected(qs_out, v, delta + chain)
     return Expected(v, bound, v.abs() + dspec.weight.abs()), scales, bound
@@ -185,7 +291,7 @@ def unmerged_weight_expected(
     for n in adapters:
         v = v - oracle.lora_delta(spec, spec.adapter(n))
     delta = float_rounding(spec, qs_merged, adapters, arith, v)
-    chain = chain_term(qs_merged, spec, adapters, delta)
+    chain = chain_term(qs_merged, spec, list(adapters)[::-1], delta, sign=-1.0, u=arith.u)
     bound = requant_bound(qs_out, v, delta) + chain
     return Expected(v, bound, v.abs() + dspec.weight.abs()), scale_expected(qs_out, v, delta + chain), bound
 
@@ -215,7 +321,7 @@ def forward_expected_q(
     exp = forward_expected(dspec, x, arith, adapters=adapters)
     xa = x.detach().to("cpu", F64).abs()
     d_abs = dspec.weight.abs()
-    extra = arith.u * (xa @ d_abs.T)
+    extra = dequant_rounding(qs, arith.u) * (xa @ d_abs.T)
     act = activation_error(x, int8_activations)
     if act is not None:
         k = d_abs.shape[1]

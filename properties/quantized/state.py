@@ -22,8 +22,16 @@ class QuantState:
     """Stored codes and block parameters of one quantized weight (all float64 / int64, on CPU).
 
     ``scale_rule``: ``"absmax"`` when a correct quantizer sets ``scale = max|block| / max|codebook|``
-    (bitsandbytes, torchao), ``"free"`` when the scale is an optimiser's output (HQQ), about which no
-    claim beyond the grid is made. ``scale_codebook``/``scale_block``: bnb double quantization, the
+    (bitsandbytes, torchao); ``"minmax"`` for HQQ's affine grid: ``scale = (max - min) / (2^b - 1)``
+    per group (1 where the range is at most ``1e-4``, at least ``1 / 2e4``), the zero point either
+    ``-min / scale`` or an optimiser's output (``zero_optimised``), about which no claim beyond the
+    grid is made; ``"free"`` for a scale about which nothing beyond the grid is claimed.
+    ``meta_roundoff``: unit roundoff of the dtype the scales and zeros are stored in (HQQ keeps
+    them in the compute dtype, rounded from the float32 values its codes were chosen with; 0 where
+    the codes were chosen with the stored values). ``decode_roundings``: roundings in the compute
+    dtype when the library dequantizes (HQQ: ``(c - z)`` and the product with the scale).
+    ``round_zero``: HQQ rounds its zero point to an integer (its 4-bit default).
+    ``scale_codebook``/``scale_block``: bnb double quantization, the
     8-bit code book and block size the scales themselves were coded with (None without).
     ``input_roundoff``: the unit roundoff of the dtype the quantizer rounds its input to first (bnb
     8-bit quantizes a float16 copy).
@@ -41,6 +49,10 @@ class QuantState:
     scale_block: int = 256
     input_roundoff: float = 2.0**-24
     scale_divisor: float | None = None  # absmax rule: scale = absmax / this (default max|codebook|)
+    meta_roundoff: float = 0.0
+    decode_roundings: int = 1
+    round_zero: bool = False
+    zero_optimised: bool = False
 
     @property
     def divisor(self) -> float:

@@ -1,5 +1,9 @@
 """PEFT's quantized LoRA layers, reached the way users reach them.
 
+HQQ: transformers 5.24 refuses ``HqqConfig`` ("not available yet"), so users put ``HQQLinear`` (hqq's
+own module, quantizing an ``nn.Linear``) into their model and call ``get_peft_model``, which gives
+``HqqLoraLinear``; that is what is built here.
+
 torchao: the same one-layer model loaded with ``TorchAoConfig(Int8WeightOnlyConfig())``, which attaches
 the re-quantization function PEFT's ``TorchaoLoraLinear`` needs to merge.
 
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from properties.quantized.state import QuantState
-from properties.spec import QUANT_KINDS, LayerSpec
+from properties.spec import HQQ_KINDS, QUANT_KINDS, LayerSpec, QuantSpec
 from properties.targets.protocol import Unsupported
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,7 +56,46 @@ def available() -> tuple[frozenset[str], dict[str, str]]:
             kinds.add(kind)
         else:
             notes[kind] = f"peft has no lora.bnb.{cls}"
+    try:
+        import hqq.core.quantize  # noqa: F401
+        from peft.tuners.lora.hqq import HqqLoraLinear  # noqa: F401
+
+        kinds.update(HQQ_KINDS)
+    except ImportError as e:
+        notes.update({k: f"needs hqq and peft's HqqLoraLinear ({e})" for k in HQQ_KINDS})
     return frozenset(kinds), notes
+
+
+def hqq_accepts_lora_bias() -> bool:
+    """Whether PEFT's ``HqqLoraLinear`` takes a LoRA bias (0.21.2 raises "does not support lora_bias
+    yet"), found by building one."""
+    import peft
+
+    from properties.targets._library import Holder
+
+    spec = LayerSpec("linear", torch.float32, torch.ones(8, 1), (), quant=QuantSpec("hqq_8bit", 8, 8))
+    try:
+        cfg = peft.LoraConfig(target_modules=["layer"], r=1, lora_bias=True)
+        peft.get_peft_model(Holder(_hqq_layer(spec)), cfg)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _hqq_layer(spec: LayerSpec) -> nn.Module:
+    """``HQQLinear`` quantizing an ``nn.Linear`` holding the spec's weights, on CPU, in the spec's
+    compute dtype (what a user does before ``get_peft_model``: transformers 5.24 refuses HqqConfig)."""
+    from properties.targets._hqq_state import check_shape, hqq_modules, quant_config
+
+    hqq_linear, _ = hqq_modules()
+    out_f, in_f = spec.weight.shape
+    check_shape((out_f, in_f), spec.quant.block, spec.quant.bits)
+    linear = nn.Linear(in_f, out_f, bias=spec.base_bias is not None, dtype=spec.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(spec.weight)
+        if spec.base_bias is not None:
+            linear.bias.copy_(spec.base_bias)
+    return hqq_linear(linear, quant_config(spec.quant), compute_dtype=spec.dtype, device="cpu")
 
 
 @functools.cache
@@ -117,6 +160,10 @@ def load_quantized_model(spec: LayerSpec) -> nn.Module:
     """The one-layer model with ``spec``'s weights, loaded through transformers with the spec's
     quantization config (what a user's ``from_pretrained(..., quantization_config=...)`` does)."""
     q = spec.quant
+    if q.kind in HQQ_KINDS:
+        from properties.targets._library import Holder
+
+        return Holder(_hqq_layer(spec))
     if q.kind == "torchao_int8":
         from properties.targets._torchao_state import check_shape
 
@@ -149,6 +196,10 @@ def quant_state_of(base: nn.Module) -> QuantState:
     from properties.targets._bnb_state import bnb4_state, bnb8_state
     from properties.targets._torchao_state import torchao_int8_state
 
+    if type(base).__name__ == "HQQLinear":
+        from properties.targets._hqq_state import hqq_state
+
+        return hqq_state(base)
     w = base.weight
     kind = type(w).__name__
     if kind == "Int8Tensor":

@@ -345,6 +345,11 @@ class PeftTarget:
                 options.add(option)
             else:
                 notes[option] = f"peft {v}: LoraConfig has no {field}"
+        if "lora_bias" in options and "hqq_8bit" in quantized:
+            if peft_quantized.hqq_accepts_lora_bias():
+                options.add("hqq_lora_bias")
+            else:
+                notes["hqq_lora_bias"] = f"peft {v}: HqqLoraLinear does not support lora_bias"
         if _conv1d_class() is not None:
             options.add("fan_in_fan_out")
         else:

@@ -1,12 +1,13 @@
 """A quantized LoRA layer of our own, on the library's own quantizer, with exact merges.
 
 The base weight is quantized by bitsandbytes (``quantize_4bit`` / ``int8_vectorwise_quant``, the
-functions its ``Params4bit`` / ``Int8Params`` call) or torchao (``quantize_`` with
-``Int8WeightOnlyConfig``). Everything between dequantize and quantize is
-exact float64: ``V = D(Wq) ± s B A``, checked for finiteness *before* anything is written when the
-merge is safe, then handed to the same quantizer (as float32; float16 for 8-bit, as bnb does). Its
-forward is the float64 answer on the decoded weight, rounded once. It shows that a correct quantized
-merge passes the quantized properties; ``tests/quant_mutants.py`` breaks it on purpose.
+functions its ``Params4bit`` / ``Int8Params`` call), torchao (``quantize_`` with
+``Int8WeightOnlyConfig``) or HQQ (a fresh ``HQQLinear.quantize``, as PEFT's merge does). Everything
+between dequantize and quantize is exact float64: ``V = D(Wq) ± s B A``, checked for finiteness
+*before* anything is written when the merge is safe, then handed to the same quantizer (as float32;
+float16 for 8-bit, as bnb does). Its forward is the float64 answer on the decoded weight, rounded
+once. It shows that a correct quantized merge passes the quantized properties;
+``tests/quant_mutants.py`` breaks it on purpose.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from properties.quantized.state import F64, QuantState
-from properties.spec import QUANT_KINDS, LayerSpec
+from properties.spec import HQQ_KINDS, QUANT_KINDS, LayerSpec
 from properties.targets.protocol import Capabilities, Unsupported
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -32,10 +33,14 @@ def _bnb():
 
 
 def quantize(spec: LayerSpec, v: torch.Tensor) -> QuantState:
-    """bitsandbytes' quantizer applied to ``v`` (float64), in canonical form."""
+    """The library's quantizer applied to ``v`` (float64), in canonical form."""
     from properties.targets._bnb_state import bnb4_state, bnb8_state
 
     q = spec.quant
+    if q.kind in HQQ_KINDS:
+        from properties.targets._hqq_state import quantize as hqq_quantize
+
+        return hqq_quantize(q, v, spec.dtype)
     if q.kind == "torchao_int8":
         from properties.targets._torchao_state import quantize_int8
 
@@ -179,12 +184,17 @@ class QuantizedReferenceTarget:
     handle = QuantizedReferenceHandle
 
     def version(self) -> str:
-        try:
-            import bitsandbytes
+        parts = []
+        for name, label in (("bitsandbytes", "bnb"), ("torchao", "torchao"), ("hqq", "hqq")):
+            try:
+                parts.append(f"{label} {__import__(name).__version__}")
+            except ImportError:
+                parts.append(f"{label} missing")
+            except AttributeError:  # hqq has no __version__
+                from importlib.metadata import version
 
-            return f"bnb {bitsandbytes.__version__}"
-        except ImportError:
-            return "bitsandbytes missing"
+                parts.append(f"{label} {version(name)}")
+        return ", ".join(parts)
 
     def capabilities(self) -> Capabilities:
         layers, notes = set(), {}
@@ -199,11 +209,18 @@ class QuantizedReferenceTarget:
             layers.add("torchao_int8")
         except ImportError as e:
             notes["torchao_int8"] = f"torchao is not installed ({e})"
+        try:
+            from properties.targets._hqq_state import hqq_modules
+
+            hqq_modules()
+            layers.update(HQQ_KINDS)
+        except Unsupported as e:
+            notes.update({k: str(e) for k in HQQ_KINDS})
         return Capabilities(
             layers=frozenset(layers),
             dtypes=DTYPES,
             operations=frozenset({"merge", "merge_subset", "safe_merge", "unmerge", "disable", "set_active"}),
-            options=frozenset({"multi_adapter", "rslora", "lora_bias", "quant_blocksize"}),
+            options=frozenset({"multi_adapter", "rslora", "lora_bias", "hqq_lora_bias", "quant_blocksize"}),
             notes={**notes, "float64": "quantized layers compute in float32, bfloat16 or float16"},
         )
 
