@@ -20,7 +20,7 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
     untargeted_twin = any(
         s.twin(p) not in a.modules for a in s.adapters for p in a.modules if s.twin(p) is not None
     )
-    layers = s.config.get("num_hidden_layers", s.config.get("n_layer", 0))
+    layers = s.config.get("num_hidden_layers", s.config.get("n_layer", s.config.get("layers_per_block", 0)))
     return {
         "kind": "model",
         "dtype": dtype_name(s.dtype),
@@ -54,6 +54,7 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
         "embedding_target": any(facts[p]["kind"] == "embedding" for p in targeted),
         "lm_head_target": "lm_head" in targeted,
         "conv1d_target": any(facts[p]["fan_in_fan_out"] for p in targeted),
+        "conv_target": any(facts[p]["kind"].startswith("conv") for p in targeted),
         "targets": len(targeted),
         "layers": int(layers),
         "masked": bool((ex.attention_mask == 0).any()),

@@ -138,6 +138,7 @@ class ModelTarget(Target, Protocol):
 BUILTIN_MODEL_TARGETS = {
     "reference": "properties.models.targets.reference:TARGET",
     "peft": "properties.models.targets.peft:TARGET",
+    "diffusers": "properties.models.targets.diffusers:TARGET",
 }
 
 
