@@ -32,12 +32,17 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
     "gpt2": (("transformer.wte", "lm_head"),),
     "bert": (),
     "unet": (),
+    "torchtune_llama": (),
 }
 
 # Architectures that are not transformers models: the module that builds, feeds and loads each one
 # (``construct``, ``draw_config``, ``draw_inputs``, ``deep_paths``, ``fewer_layers``,
-# ``from_pretrained``, ``missing``; see ``properties/models/unet.py``).
-FAMILIES: dict[str, str] = {"unet": "properties.models.unet"}
+# ``save_pretrained``, ``from_pretrained``, ``missing``; optionally ``target_groups`` and
+# ``UNIFORM_RANK`` where the library states LoRA per kind of module; see ``properties/models/unet.py``).
+FAMILIES: dict[str, str] = {
+    "unet": "properties.models.unet",
+    "torchtune_llama": "properties.models.torchtune_llama",
+}
 
 
 def family(arch: str) -> ModuleType | None:
@@ -56,17 +61,16 @@ def missing() -> str | None:
 
 
 def unavailable_notes() -> dict[str, str]:
-    """Capability notes that skip every architecture, with the reason, when transformers is missing,
-    and each other family whose library is missing (the UNet without diffusers)."""
+    """Capability notes that skip an architecture, with the reason, where its library is missing:
+    transformers for the transformers architectures, each other family's own library (diffusers for
+    the UNet, torchtune for its Llama)."""
     from properties.models.spec import ARCHITECTURES
 
     why = missing()
-    if why:
-        return {a: why for a in ARCHITECTURES}
     notes = {}
     for a in ARCHITECTURES:
         fam = family(a)
-        reason = fam.missing() if fam is not None else None
+        reason = fam.missing() if fam is not None else why
         if reason:
             notes[a] = reason
     return notes
@@ -177,6 +181,8 @@ def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model computes: logits for the language models, hidden states and pooler for BERT."""
     out = model(**batch)
+    if isinstance(out, torch.Tensor):  # torchtune's decoder returns its logits as they are
+        return {"logits": out.detach()}
     if hasattr(out, "sample"):  # a diffusers UNet
         return {"sample": out.sample.detach()}
     if hasattr(out, "logits") and out.logits is not None:
@@ -188,6 +194,15 @@ def canonical_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight in the layer half's canonical ``(out, in)`` layout."""
     w = module.weight.detach()
     return w.T if is_conv1d(module) else w
+
+
+def save_pretrained(spec: ModelSpec, model: nn.Module, directory: str) -> None:
+    """The architecture's own save path (``save_pretrained``, or the family's where there is none)."""
+    fam = family(spec.architecture)
+    if fam is not None:
+        fam.save_pretrained(model, spec.config, directory)
+    else:
+        model.save_pretrained(directory)
 
 
 @torch.no_grad()

@@ -139,6 +139,7 @@ BUILTIN_MODEL_TARGETS = {
     "reference": "properties.models.targets.reference:TARGET",
     "peft": "properties.models.targets.peft:TARGET",
     "diffusers": "properties.models.targets.diffusers:TARGET",
+    "torchtune": "properties.models.targets.torchtune:TARGET",
 }
 
 

@@ -18,8 +18,8 @@ import torch
 
 from properties.spec import AdapterSpec, NamedAdapters, dtype_name
 
-Architecture = Literal["llama_tied", "llama", "gpt2", "bert", "unet"]
-ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "llama", "gpt2", "bert", "unet")
+Architecture = Literal["llama_tied", "llama", "gpt2", "bert", "unet", "torchtune_llama"]
+ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "llama", "gpt2", "bert", "unet", "torchtune_llama")
 TIED_ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "gpt2")
 
 

@@ -141,7 +141,24 @@ def _subset(draw: st.DrawFn, items: list[str], label: str) -> list[str]:
     return chosen or [items[draw(_ints(0, len(items) - 1), label=label)]]
 
 
-def _modules_plan(draw, targets: list[str], facts: dict) -> dict[str, tuple[int, float]]:
+def _grouped_targets(draw: st.DrawFn, groups: dict[str, list[str]], deep: list[str]) -> list[str]:
+    """A non-empty subset of the groups (one holding a ``deep`` path among them when asked), expanded."""
+    names = list(groups)
+    forced = [g for g in names if set(groups[g]) & set(deep)]
+    chosen = [forced[draw(_ints(0, len(forced) - 1), label="deep group")]] if forced else []
+    chosen += [g for g in names if g not in chosen and draw(_BOOL, label=f"target group {g}")]
+    if not chosen:
+        chosen = [names[draw(_ints(0, len(names) - 1), label="target group")]]
+    return [p for g in chosen for p in groups[g]]
+
+
+def _modules_plan(
+    draw, targets: list[str], facts: dict, uniform: bool = False
+) -> dict[str, tuple[int, float]]:
+    if uniform:  # one rank and alpha for every module (torchtune's builders)
+        r = draw(_ints(1, min(min(facts[p]["out_in"]) for p in targets) + 1), label="r")
+        alpha = _alpha(draw, r)
+        return {p: (r, alpha) for p in targets}
     plan = {}
     for p in targets:
         out_f, in_f = facts[p]["out_in"]
@@ -162,24 +179,29 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
         t: draw(_ints(lo, hi), label=f"log2|{t}|") for t, lo, hi in (("W", -1, 1), ("A", -2, 1), ("B", -2, 1))
     }
 
-    pool = list(paths)
-    forced: list[str] = []
-    if d.tied_target:
-        a, b = ties[draw(_ints(0, len(ties) - 1))] if len(ties) > 1 else ties[0]
-        keep, twin = (a, b) if draw(_BOOL, label="tied: embedding side") else (b, a)
-        pool = [p for p in paths if p not in (keep, twin)]
-        forced = [keep]
-    if d.deep_target:
-        if fam is not None:
-            deep = [p for p in fam.deep_paths(config, tuple(pool)) if p not in forced]
-        else:
-            last = config.get("num_hidden_layers", config.get("n_layer"))
-            deep = [p for p in pool if f".{int(last) - 1}." in p and p not in forced]
-        forced.append(deep[draw(_ints(0, len(deep) - 1), label="deep target")])
-    optional = [p for p in pool if p not in forced]
-    targets = forced + ([p for p in optional if draw(_BOOL, label=f"target {p}")] if optional else [])
-    if not targets:
-        targets = [optional[draw(_ints(0, len(optional) - 1), label="target")]]
+    grouped = getattr(fam, "target_groups", None)
+    if grouped is not None:  # the library states LoRA per kind of module (torchtune)
+        deep = fam.deep_paths(config, paths) if d.deep_target else []
+        targets = _grouped_targets(draw, grouped(paths), deep)
+    else:
+        pool = list(paths)
+        forced: list[str] = []
+        if d.tied_target:
+            a, b = ties[draw(_ints(0, len(ties) - 1))] if len(ties) > 1 else ties[0]
+            keep, twin = (a, b) if draw(_BOOL, label="tied: embedding side") else (b, a)
+            pool = [p for p in paths if p not in (keep, twin)]
+            forced = [keep]
+        if d.deep_target:
+            if fam is not None:
+                deep = [p for p in fam.deep_paths(config, tuple(pool)) if p not in forced]
+            else:
+                last = config.get("num_hidden_layers", config.get("n_layer"))
+                deep = [p for p in pool if f".{int(last) - 1}." in p and p not in forced]
+            forced.append(deep[draw(_ints(0, len(deep) - 1), label="deep target")])
+        optional = [p for p in pool if p not in forced]
+        targets = forced + ([p for p in optional if draw(_BOOL, label=f"target {p}")] if optional else [])
+        if not targets:
+            targets = [optional[draw(_ints(0, len(optional) - 1), label="target")]]
     targets = [p for p in paths if p in targets]  # model order
 
     multi = "multi_adapter" in d.options
@@ -238,7 +260,9 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
 def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int) -> dict:
     return dict(
         name=name,
-        modules=_modules_plan(draw, mods, facts),
+        modules=_modules_plan(
+            draw, mods, facts, getattr(archs.family(d.architecture), "UNIFORM_RANK", False)
+        ),
         rslora="rslora" in d.options and draw(_BOOL, label="rslora"),
         dora="dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora"),
     )

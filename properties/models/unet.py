@@ -111,3 +111,7 @@ def fewer_layers(config: dict[str, object]) -> dict[str, object]:
 
 def from_pretrained(directory: str, dtype: torch.dtype) -> nn.Module:
     return model_class().from_pretrained(directory, torch_dtype=dtype)
+
+
+def save_pretrained(model: nn.Module, config: dict[str, object], directory: str) -> None:
+    model.save_pretrained(directory)

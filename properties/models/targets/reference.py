@@ -194,7 +194,7 @@ class ReferenceModelHandle(TorchModelHandle):
     def save_merged(self, directory: Path) -> None:
         if self._layers():
             raise ValueError("the model still holds LoRA layers: merge_and_unload first")
-        self.root.save_pretrained(str(directory))
+        archs.save_pretrained(self.spec, self.root, str(directory))
 
 
 def _base(m: nn.Module) -> nn.Module:
