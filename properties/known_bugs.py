@@ -49,7 +49,7 @@ FEATURES: dict[str, str] = {
 }
 # The model half's features ('' / False / 0 for a layer example; a model example's ``kind`` is 'model').
 MODEL_FEATURES: dict[str, str] = {
-    "architecture": "model: 'llama_tied', 'llama', 'gpt2', 'bert', 'unet', 'torchtune_llama'",
+    "architecture": "model: 'llama_tied', 'llama', 'gpt2', 'bert', 'unet', 'torchtune_llama', 'litgpt'",
     "tied_target": "model: a targeted module is tied to another module (embedding <-> lm_head)",
     "twin_untargeted": "model: a targeted module's tied twin is not targeted by the same adapters",
     "embedding_target": "model: an embedding module is targeted",

@@ -227,3 +227,66 @@ def test_torchtune_refuses_an_adapter_for_a_missing_layer(tmp_path) -> None:
             TARGET.load_adapter(_fewer_layers(ex.spec), d, "default")
 
     check()
+
+
+# -- litgpt: the litgpt architecture ------------------------------------------------------------------
+
+
+def test_litgpt_groups_follow_its_lora_switches() -> None:
+    from properties.models import litgpt_gpt as lg
+
+    assert lg.group_of("lm_head") == "head"
+    assert lg.group_of("transformer.h.0.attn.proj") == "projection"
+    assert lg.group_of("transformer.h.1.mlp.proj") == "mlp"
+    assert lg.group_of("transformer.h.0.mlp.fc_1") == "mlp"
+    assert lg.group_of("transformer.h.0.attn.qkv") is None  # fused q/k/v factors: not drawn
+    assert lg.group_of("transformer.wte") is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("prop", MODEL_PROPS)
+def test_reference_passes_model_properties_on_litgpt(prop: str, dtype: str) -> None:
+    _needs("litgpt")
+    from properties.models.targets.reference import TARGET
+
+    result = _run(TARGET, prop, "litgpt", dtype)
+    expected = "skipped" if prop == "model_tied_weights" else "passed"
+    assert result.status == expected, f"{prop} litgpt {dtype}: {result.message}\n{result.example}"
+
+
+@pytest.mark.parametrize("prop", MODEL_PROPS)
+def test_litgpt_model_target_runs_or_says_why(prop: str) -> None:
+    _needs("litgpt")
+    from properties.models.targets.litgpt import TARGET
+
+    result = _run(TARGET, prop, "litgpt", "float32")
+    lacking = {
+        "model_unload_restores_base",
+        "model_adapter_isolation",
+        "model_safe_merge",
+        "model_tied_weights",
+    }
+    if prop in lacking:
+        assert result.status == "skipped" and result.message, result.message
+    else:
+        assert result.status == "passed", f"{prop}: {result.message}\n{result.example}"
+        if prop == "model_merge_equivalence":
+            assert result.max_ratio > 0  # the merged modules were compared, not skipped
+
+
+def test_broken_litgpt_export_is_caught() -> None:
+    """An export that keeps the unmerged base weights (merge skipped): model_merge_equivalence fails."""
+    _needs("litgpt")
+    from properties.models.targets import litgpt as t
+
+    class NoMerge(t.LitgptModelHandle):
+        def merge(self, *, adapter_names=None, safe=False) -> None:
+            pass
+
+    class Target(t.LitgptModelTarget):
+        def build(self, spec):
+            h = super().build(spec)
+            return NoMerge(h.root, h.spec, h.settings)
+
+    result = _run(Target(), "model_merge_equivalence", "litgpt", "float32", n=10)
+    assert result.status == "failed", result.message

@@ -33,6 +33,7 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
     "bert": (),
     "unet": (),
     "torchtune_llama": (),
+    "litgpt": (),
 }
 
 # Architectures that are not transformers models: the module that builds, feeds and loads each one
@@ -42,6 +43,7 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
 FAMILIES: dict[str, str] = {
     "unet": "properties.models.unet",
     "torchtune_llama": "properties.models.torchtune_llama",
+    "litgpt": "properties.models.litgpt_gpt",
 }
 
 

@@ -140,6 +140,7 @@ BUILTIN_MODEL_TARGETS = {
     "peft": "properties.models.targets.peft:TARGET",
     "diffusers": "properties.models.targets.diffusers:TARGET",
     "torchtune": "properties.models.targets.torchtune:TARGET",
+    "litgpt": "properties.models.targets.litgpt:TARGET",
 }
 
 

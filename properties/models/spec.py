@@ -18,8 +18,16 @@ import torch
 
 from properties.spec import AdapterSpec, NamedAdapters, dtype_name
 
-Architecture = Literal["llama_tied", "llama", "gpt2", "bert", "unet", "torchtune_llama"]
-ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "llama", "gpt2", "bert", "unet", "torchtune_llama")
+Architecture = Literal["llama_tied", "llama", "gpt2", "bert", "unet", "torchtune_llama", "litgpt"]
+ARCHITECTURES: tuple[Architecture, ...] = (
+    "llama_tied",
+    "llama",
+    "gpt2",
+    "bert",
+    "unet",  # diffusers UNet2DConditionModel (properties/models/unet.py)
+    "torchtune_llama",  # torchtune llama3 builders (properties/models/torchtune_llama.py)
+    "litgpt",  # litgpt GPT (properties/models/litgpt_gpt.py)
+)
 TIED_ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "gpt2")
 
 
