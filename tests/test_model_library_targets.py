@@ -239,8 +239,26 @@ def test_litgpt_groups_follow_its_lora_switches() -> None:
     assert lg.group_of("transformer.h.0.attn.proj") == "projection"
     assert lg.group_of("transformer.h.1.mlp.proj") == "mlp"
     assert lg.group_of("transformer.h.0.mlp.fc_1") == "mlp"
-    assert lg.group_of("transformer.h.0.attn.qkv") is None  # fused q/k/v factors: not drawn
-    assert lg.group_of("transformer.wte") is None
+    assert lg.group_of("transformer.h.0.attn.qkv") == "qkv"
+    assert lg.group_of("transformer.wte") is None  # no LoRA on the embedding in litgpt
+
+
+def test_litgpt_fused_qkv_lora_is_block_diagonal_in_canonical_form() -> None:
+    """q and v enabled (GQA: q 4 rows, k and v 2 each), r=2: a rank-4 canonical LoRA, alpha doubled,
+    whose B holds each block's factor in its own rows and columns; litgpt's stored lora_B round-trips."""
+    from properties.models import litgpt_gpt as lg
+    from properties.models.targets.litgpt import _qkv_canonical, _qkv_stored
+
+    config = {"n_head": 2, "n_query_groups": 1, "head_size": 2, "lora_qkv": (True, False, True)}
+    assert lg.qkv_blocks(config) == [(0, 4), (6, 8)]
+    r, alpha, mask = lg.lora_structure("transformer.h.0.attn.qkv", config, 2, 1.5, 8)
+    assert (r, alpha) == (4, 3.0) and mask.shape == (8, 4)
+    assert mask[:4, :2].all() and mask[6:, 2:].all() and mask.sum() == 4 * 2 + 2 * 2
+    B = torch.randn(8, 4, dtype=torch.float64) * mask
+    stored = _qkv_stored(config, B, 2)
+    assert stored.shape == (6, 2)  # litgpt's lora_B: the enabled rows, r columns
+    assert torch.equal(_qkv_canonical(config, stored, 2, 8), B)
+    assert lg.lora_structure("transformer.h.0.attn.proj", config, 2, 1.5, 8) == (2, 1.5, None)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

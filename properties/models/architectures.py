@@ -39,7 +39,8 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
 # Architectures that are not transformers models: the module that builds, feeds and loads each one
 # (``construct``, ``draw_config``, ``draw_inputs``, ``deep_paths``, ``fewer_layers``,
 # ``save_pretrained``, ``from_pretrained``, ``missing``; optionally ``target_groups`` and
-# ``UNIFORM_RANK`` where the library states LoRA per kind of module; see ``properties/models/unet.py``).
+# ``UNIFORM_RANK`` where the library states LoRA per kind of module, and ``lora_structure`` where its
+# LoRA on a module has a fixed zero pattern; see ``properties/models/unet.py``).
 FAMILIES: dict[str, str] = {
     "unet": "properties.models.unet",
     "torchtune_llama": "properties.models.torchtune_llama",

@@ -302,10 +302,14 @@ def module_weight(spec: ModelSpec, path: str, base: dict[str, torch.Tensor] | No
 
 def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> ModelAdapter:
     d = ModelDraw(spec.architecture, spec.dtype, frozenset(), device=spec.device)
+    structure = getattr(archs.family(spec.architecture), "lora_structure", None)
     modules = {}
     for path, (r, alpha) in plan["modules"].items():
         f = facts[path]
         out_f, in_f = f["out_in"]
+        mask = None
+        if structure is not None:  # a library whose LoRA on this module has a fixed zero pattern (litgpt qkv)
+            r, alpha, mask = structure(path, spec.config, r, alpha, out_f)
         if f["kind"] == "embedding":  # canonical (num, dim): A (r, num), B (dim, r)
             a_shape, b_shape, k = (r, out_f), (in_f, r), 1
         elif f.get("conv") is not None:  # A (r, in/g, *k): a conv like the base; B (out, r, *1): 1x1
@@ -315,6 +319,8 @@ def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> 
             a_shape, b_shape, k = (r, in_f), (out_f, r), in_f
         A = _rounded(gen, a_shape, 2.0 ** log2["A"] / math.sqrt(k), d)
         B = _rounded(gen, b_shape, 2.0 ** log2["B"] / math.sqrt(r), d)
+        if mask is not None:  # +0.0 off the pattern (a product with 0 would leave -0.0 bits)
+            B = torch.where(mask.to(B.device).bool(), B, torch.zeros_like(B))
         mag = None
         if plan["dora"]:
             w = module_weight(spec, path).to(torch.float64)

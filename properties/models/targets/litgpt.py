@@ -41,16 +41,38 @@ from properties.targets.protocol import Capabilities, Unsupported
 ADAPTER_FILE, CONFIG_FILE = "lit_model.pth.lora", "lora_config.json"
 
 
-def _settings(adapter: ModelAdapter) -> dict[str, Any]:
+def _settings(adapter: ModelAdapter, config: dict[str, Any]) -> dict[str, Any]:
     groups = sorted({lg.group_of(p) for p in adapter.modules})
     if None in groups:
-        raise Unsupported(f"not drawn for litgpt: {[p for p in adapter.modules if not lg.group_of(p)]}")
-    first = next(iter(adapter.modules.values()))
-    if any((a.r, a.alpha) != (first.r, first.alpha) for a in adapter.modules.values()):
+        raise Unsupported(f"litgpt has no LoRA for {[p for p in adapter.modules if not lg.group_of(p)]}")
+    n = len(lg.qkv_blocks(config))
+    # the fused qkv's canonical LoRA has rank n*r and alpha n*alpha (lora_structure): litgpt's r, alpha
+    pairs = {
+        (a.r // n, a.alpha / n) if p.endswith(".attn.qkv") else (a.r, a.alpha)
+        for p, a in adapter.modules.items()
+    }
+    if len(pairs) != 1:
         raise Unsupported("litgpt has one lora_r and lora_alpha per model")
+    ((r, alpha),) = pairs
     if adapter.use_rslora or adapter.use_dora:
         raise Unsupported("litgpt has no rsLoRA and no DoRA")
-    return {"groups": groups, "rank": first.r, "alpha": first.alpha}
+    return {"groups": groups, "rank": r, "alpha": alpha}
+
+
+def _qkv_stored(config: dict[str, Any], B: torch.Tensor, r: int) -> torch.Tensor:
+    """litgpt's ``lora_B`` of the fused qkv: each enabled block's rows of its own ``r`` columns."""
+    return torch.cat([B[lo:hi, j * r : (j + 1) * r] for j, (lo, hi) in enumerate(lg.qkv_blocks(config))])
+
+
+def _qkv_canonical(config: dict[str, Any], stored: torch.Tensor, r: int, out_features: int) -> torch.Tensor:
+    """The block-diagonal canonical ``B`` (``out x n*r``) of a stored qkv ``lora_B``."""
+    blocks = lg.qkv_blocks(config)
+    B = stored.new_zeros(out_features, len(blocks) * r)
+    row = 0
+    for j, (lo, hi) in enumerate(blocks):
+        B[lo:hi, j * r : (j + 1) * r] = stored[row : row + hi - lo]
+        row += hi - lo
+    return B
 
 
 class _Merged(nn.Module):
@@ -85,7 +107,10 @@ class LitgptModelHandle(TorchModelHandle):
         for path, m in self.root.named_modules():
             if getattr(m, "r", 0) > 0 and hasattr(m, "lora_A"):
                 out[f"{path}/A"] = m.lora_A.detach()
-                out[f"{path}/B"] = m.lora_B.detach()
+                B = m.lora_B.detach()
+                if path.endswith(".attn.qkv"):
+                    B = _qkv_canonical(self.spec.config, B, m.r, m.linear.out_features)
+                out[f"{path}/B"] = B
         return out
 
     def merge(self, *, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
@@ -117,7 +142,15 @@ class LitgptModelHandle(TorchModelHandle):
         (directory / CONFIG_FILE).write_text(json.dumps(self.settings))
 
     def saved_tensors(self, directory: Path) -> dict[str, torch.Tensor]:
-        return torch.load(directory / ADAPTER_FILE, weights_only=True)
+        """The checkpoint's tensors, the fused qkv's ``lora_B`` re-laid out block-diagonally (the same
+        numbers plus the structural zeros of the canonical form, so it compares with the adapter)."""
+        saved = torch.load(directory / ADAPTER_FILE, weights_only=True)
+        settings = json.loads((directory / CONFIG_FILE).read_text())
+        for key, value in saved.items():
+            if key.endswith(".attn.qkv.lora_B"):
+                out_f = self.root.get_submodule(key.removesuffix(".lora_B")).linear.out_features
+                saved[key] = _qkv_canonical(self.spec.config, value, settings["rank"], out_f)
+        return saved
 
     def load_adapter(self, directory: Path, name: str) -> list[str]:
         """``litgpt merge_lora``'s load: this model's weights updated with the LoRA checkpoint, strict."""
@@ -212,11 +245,12 @@ class LitgptModelTarget:
         if len(spec.adapters) != 1:
             raise Unsupported("litgpt has one adapter per model")
         adapter = spec.adapters[0]
-        settings = _settings(adapter)
+        settings = _settings(adapter, spec.config)
         lora = {}
         for path, a in adapter.modules.items():
             lora[f"{path}.lora_A"] = a.A
-            lora[f"{path}.lora_B"] = a.B
+            qkv = path.endswith(".attn.qkv")
+            lora[f"{path}.lora_B"] = _qkv_stored(spec.config, a.B, settings["rank"]) if qkv else a.B
         return LitgptModelHandle(self._lora_model(spec, settings, lora), spec, settings)
 
     def load_adapter(
