@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,11 @@ class PeftModelTarget:
         return str(_peft().__version__)
 
     def capabilities(self) -> Capabilities:
-        return full_model_capabilities()
+        """Every transformers architecture; the library architectures (``unet``, ``torchtune_llama``,
+        ``litgpt``) are driven through their own libraries' targets (diffusers' is PEFT underneath)."""
+        caps = full_model_capabilities()
+        own = {a: f"{a} is driven through its own library's model target" for a in archs.FAMILIES}
+        return replace(caps, layers=caps.layers - set(own), notes={**own, **caps.notes})
 
     def build_base(self, spec: ModelSpec) -> PeftModelHandle:
         return PeftModelHandle(archs.build_base(spec), peft_wrapped=False)
