@@ -49,14 +49,15 @@ FEATURES: dict[str, str] = {
 }
 # The model half's features ('' / False / 0 for a layer example; a model example's ``kind`` is 'model').
 MODEL_FEATURES: dict[str, str] = {
-    "architecture": "model: 'llama_tied', 'llama', 'gpt2', 'bert'",
+    "architecture": "model: 'llama_tied', 'llama', 'gpt2', 'bert', 'unet', 'torchtune_llama', 'litgpt'",
     "tied_target": "model: a targeted module is tied to another module (embedding <-> lm_head)",
     "twin_untargeted": "model: a targeted module's tied twin is not targeted by the same adapters",
     "embedding_target": "model: an embedding module is targeted",
     "lm_head_target": "model: lm_head is targeted",
     "conv1d_target": "model: a GPT-2 Conv1D (fan_in_fan_out) module is targeted",
+    "conv_target": "model: a conv module (UNet Conv2d) is targeted",
     "targets": "model: number of targeted modules",
-    "layers": "model: hidden layers",
+    "layers": "model: hidden layers (unet: resnets per block)",
     "masked": "model: the attention mask has padding",
 }
 FEATURES.update(MODEL_FEATURES)

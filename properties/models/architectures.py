@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import os
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -30,7 +32,27 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
     "llama": (),
     "gpt2": (("transformer.wte", "lm_head"),),
     "bert": (),
+    "unet": (),
+    "torchtune_llama": (),
+    "litgpt": (),
 }
+
+# Architectures that are not transformers models: the module that builds, feeds and loads each one
+# (``construct``, ``draw_config``, ``draw_inputs``, ``deep_paths``, ``fewer_layers``,
+# ``save_pretrained``, ``from_pretrained``, ``missing``; optionally ``target_groups`` and
+# ``UNIFORM_RANK`` where the library states LoRA per kind of module, and ``lora_structure`` where its
+# LoRA on a module has a fixed zero pattern; see ``properties/models/unet.py``).
+FAMILIES: dict[str, str] = {
+    "unet": "properties.models.unet",
+    "torchtune_llama": "properties.models.torchtune_llama",
+    "litgpt": "properties.models.litgpt_gpt",
+}
+
+
+def family(arch: str) -> ModuleType | None:
+    """The module describing a non-transformers architecture, or None for a transformers one."""
+    path = FAMILIES.get(arch)
+    return importlib.import_module(path) if path else None
 
 
 def missing() -> str | None:
@@ -43,11 +65,27 @@ def missing() -> str | None:
 
 
 def unavailable_notes() -> dict[str, str]:
-    """Capability notes that skip every architecture, with the reason, when transformers is missing."""
+    """Capability notes that skip an architecture, with the reason, where its library is missing:
+    transformers for the transformers architectures, each other family's own library (diffusers for
+    the UNet, torchtune for its Llama)."""
     from properties.models.spec import ARCHITECTURES
 
     why = missing()
-    return {a: why for a in ARCHITECTURES} if why else {}
+    notes = {}
+    for a in ARCHITECTURES:
+        fam = family(a)
+        reason = fam.missing() if fam is not None else why
+        if reason:
+            notes[a] = reason
+    return notes
+
+
+def construct(arch: Architecture, fields: dict[str, object], dtype: torch.dtype) -> nn.Module:
+    """A fresh model of ``arch`` from its config fields, under the current device context."""
+    fam = family(arch)
+    if fam is not None:
+        return fam.construct(fields, dtype)
+    return model_class(arch)._from_config(make_config(arch, fields), **dtype_kw(dtype))
 
 
 def dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -92,17 +130,23 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
 
 
+_CONV_KINDS = ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d"))
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """The layer half's kind of a targetable module, or None (norms, containers, ...)."""
     if isinstance(module, nn.Embedding):
         return "embedding"
+    for cls, kind in _CONV_KINDS:
+        if isinstance(module, cls):
+            return kind
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return "linear"
     return None
 
 
 def targetable(model: nn.Module) -> list[str]:
-    """Module paths LoRA may target, in model order: every linear, GPT-2 Conv1D and embedding."""
+    """Module paths LoRA may target, in model order: every linear, GPT-2 Conv1D, conv and embedding."""
     return [name for name, m in model.named_modules() if name and layer_kind(m) is not None]
 
 
@@ -122,9 +166,8 @@ def build_base(spec: ModelSpec) -> nn.Module:
 
 @functools.lru_cache(maxsize=32)
 def _prototype(arch: Architecture, frozen_config: tuple, dtype: torch.dtype, device: str) -> nn.Module:
-    config = make_config(arch, dict(frozen_config))
     with torch.device(device):
-        return model_class(arch)._from_config(config, **dtype_kw(dtype)).eval()
+        return construct(arch, dict(frozen_config), dtype).eval()
 
 
 @functools.lru_cache(maxsize=32)
@@ -166,6 +209,10 @@ def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model computes: logits for the language models, hidden states and pooler for BERT."""
     out = model(**batch)
+    if isinstance(out, torch.Tensor):  # torchtune's decoder returns its logits as they are
+        return {"logits": out.detach()}
+    if hasattr(out, "sample"):  # a diffusers UNet
+        return {"sample": out.sample.detach()}
     if hasattr(out, "logits") and out.logits is not None:
         return {"logits": out.logits.detach()}
     return {"last_hidden_state": out.last_hidden_state.detach(), "pooler_output": out.pooler_output.detach()}
@@ -175,6 +222,15 @@ def canonical_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight in the layer half's canonical ``(out, in)`` layout."""
     w = module.weight.detach()
     return w.T if is_conv1d(module) else w
+
+
+def save_pretrained(spec: ModelSpec, model: nn.Module, directory: str) -> None:
+    """The architecture's own save path (``save_pretrained``, or the family's where there is none)."""
+    fam = family(spec.architecture)
+    if fam is not None:
+        fam.save_pretrained(model, spec.config, directory)
+    else:
+        model.save_pretrained(directory)
 
 
 @torch.no_grad()
@@ -188,8 +244,12 @@ def from_pretrained(spec: ModelSpec, directory: str) -> nn.Module:
     seeds, with bit-identical weights). That is a property of the memory, not of any library under
     test, so the model-level save/load properties compare models whose parameters sit in fresh memory.
     """
+    fam = family(spec.architecture)
     with torch.device(spec.device):
-        model = model_class(spec.architecture).from_pretrained(directory, **dtype_kw(spec.dtype))
+        if fam is not None:
+            model = fam.from_pretrained(directory, spec.dtype)
+        else:
+            model = model_class(spec.architecture).from_pretrained(directory, **dtype_kw(spec.dtype))
     for p in model.parameters():  # deduplicated: a tied parameter object is re-homed once
         p.data = p.data.clone()
     for _, m in model.named_modules():

@@ -26,7 +26,7 @@ from properties.models import architectures as archs
 from properties.models.oracle import adapter_numel, layer_spec, weighted_cat_spec
 from properties.models.protocol import MODEL_OPTIONS, model_target_for
 from properties.models.spec import ARCHITECTURES, TIED_ARCHITECTURES, ModelExample, ModelSpec
-from properties.models.strategies import ModelDraw, model_examples
+from properties.models.strategies import ModelDraw, layout, model_examples
 from properties.precision import Expected, forward_expected, weights_expected
 from properties.spec import LayerSpec
 
@@ -191,6 +191,11 @@ def _module_diff(actual: dict[str, type], expected: dict[str, type]) -> str:
 
 def _fewer_layers(spec: ModelSpec) -> ModelSpec:
     """The same architecture with its last layer removed: an adapter on that layer does not fit it."""
+    fam = archs.family(spec.architecture)
+    if fam is not None:  # the smaller model's parameters are a subset of the larger one's, same shapes
+        small = replace(spec, config=fam.fewer_layers(spec.config), adapters=())
+        shapes, _, _ = layout(small)
+        return replace(small, base={k: spec.base[k] for k in shapes})
     key = "n_layer" if "n_layer" in spec.config else "num_hidden_layers"
     last = int(spec.config[key]) - 1
     marker = {"gpt2": "transformer.h.", "bert": "encoder.layer."}.get(spec.architecture, "model.layers.")

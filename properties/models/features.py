@@ -8,6 +8,9 @@ from properties.models.spec import ModelExample
 from properties.models.strategies import layout
 from properties.spec import dtype_name
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "layers_per_block", "num_layers")
+HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
+
 
 def model_features(ex: ModelExample) -> dict[str, Any]:
     """Every feature ``properties.known_bugs.FEATURES`` names: the model ones, the shared ones
@@ -20,7 +23,7 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
     untargeted_twin = any(
         s.twin(p) not in a.modules for a in s.adapters for p in a.modules if s.twin(p) is not None
     )
-    layers = s.config.get("num_hidden_layers", s.config.get("n_layer", 0))
+    layers = next((s.config[k] for k in LAYER_KEYS if k in s.config), 0)
     return {
         "kind": "model",
         "dtype": dtype_name(s.dtype),
@@ -37,7 +40,7 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
         "fan_out": 0,
         "unbatched": False,
         "padding_idx": False,
-        "heads": int(s.config.get("num_attention_heads", s.config.get("n_head", 1))),
+        "heads": int(next((s.config[k] for k in HEAD_KEYS if k in s.config), 1)),
         "groups": 1,
         "kernel": 0,
         "kernel1": False,
@@ -54,6 +57,7 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
         "embedding_target": any(facts[p]["kind"] == "embedding" for p in targeted),
         "lm_head_target": "lm_head" in targeted,
         "conv1d_target": any(facts[p]["fan_in_fan_out"] for p in targeted),
+        "conv_target": any(facts[p]["kind"].startswith("conv") for p in targeted),
         "targets": len(targeted),
         "layers": int(layers),
         "masked": bool((ex.attention_mask == 0).any()),

@@ -42,6 +42,7 @@ def layer_spec(
         base_bias=base.get(f"{path}.bias") if f["bias"] else None,
         fan_in_fan_out=f["fan_in_fan_out"],
         padding_idx=f["padding_idx"],
+        conv=f.get("conv"),
         device=spec.device,
         seed=spec.seed,
     )

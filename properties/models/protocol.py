@@ -47,11 +47,12 @@ MODEL_OPTIONS = frozenset({"multi_adapter", "rslora", "dora"})
 
 
 def full_model_capabilities() -> Capabilities:
-    """Every architecture, dtype, model operation and option, or no architecture (with the reason)
-    where transformers is missing: what a complete model-level target declares."""
+    """Every architecture, dtype, model operation and option: what a complete model-level target
+    declares. An architecture whose library is missing here (transformers, diffusers, torchtune,
+    litgpt) is left out, with the reason."""
     notes = archs.unavailable_notes()
     return Capabilities(
-        layers=frozenset(() if notes else ARCHITECTURES),
+        layers=frozenset(a for a in ARCHITECTURES if a not in notes),
         dtypes=frozenset(DTYPES.values()),
         operations=MODEL_OPERATIONS,
         options=MODEL_OPTIONS,
@@ -138,6 +139,9 @@ class ModelTarget(Target, Protocol):
 BUILTIN_MODEL_TARGETS = {
     "reference": "properties.models.targets.reference:TARGET",
     "peft": "properties.models.targets.peft:TARGET",
+    "diffusers": "properties.models.targets.diffusers:TARGET",
+    "torchtune": "properties.models.targets.torchtune:TARGET",
+    "litgpt": "properties.models.targets.litgpt:TARGET",
 }
 
 

@@ -18,8 +18,16 @@ import torch
 
 from properties.spec import AdapterSpec, NamedAdapters, dtype_name
 
-Architecture = Literal["llama_tied", "llama", "gpt2", "bert"]
-ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "llama", "gpt2", "bert")
+Architecture = Literal["llama_tied", "llama", "gpt2", "bert", "unet", "torchtune_llama", "litgpt"]
+ARCHITECTURES: tuple[Architecture, ...] = (
+    "llama_tied",
+    "llama",
+    "gpt2",
+    "bert",
+    "unet",  # diffusers UNet2DConditionModel (properties/models/unet.py)
+    "torchtune_llama",  # torchtune llama3 builders (properties/models/torchtune_llama.py)
+    "litgpt",  # litgpt GPT (properties/models/litgpt_gpt.py)
+)
 TIED_ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "gpt2")
 
 
@@ -100,9 +108,12 @@ class ModelExample:
     extra: ModelAdapter | None = None  # a further adapter to add (isolation), same modules or not
     hostile: Hostile | None = None  # safe merge: the entry planted in ``spec`` (``clean`` is without)
     clean: ModelSpec | None = None
+    inputs: dict[str, torch.Tensor] | None = None  # the forward's inputs where they are not tokens (UNet)
 
     @property
     def batch(self) -> dict[str, torch.Tensor]:
+        if self.inputs is not None:
+            return self.inputs
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
     def describe(self) -> str:
@@ -111,9 +122,14 @@ class ModelExample:
         lines = [
             f"architecture={s.architecture} dtype={dtype_name(s.dtype)} seed={s.seed}",
             f"config: {cfg}",
-            f"input_ids={tuple(self.input_ids.shape)} padding={int((self.attention_mask == 0).sum())} "
-            f"mask={self.attention_mask.tolist()}",
         ]
+        if self.inputs is not None:
+            lines.append(" ".join(f"{k}={_shown(v)}" for k, v in self.inputs.items()))
+        else:
+            lines.append(
+                f"input_ids={tuple(self.input_ids.shape)} padding={int((self.attention_mask == 0).sum())} "
+                f"mask={self.attention_mask.tolist()}"
+            )
         for a in (*s.adapters, *([self.extra] if self.extra else [])):
             mods = ", ".join(f"{p}(r={m.r}, alpha={m.alpha:g})" for p, m in a.modules.items())
             extra = " (added later)" if a is self.extra else ""
@@ -123,3 +139,8 @@ class ModelExample:
         if self.hostile:
             lines.append(f"hostile: {self.hostile}")
         return "\n".join(lines)
+
+
+def _shown(t: torch.Tensor) -> str:
+    """A tensor input in a description: its value if it is a scalar, else its shape."""
+    return str(t.item()) if t.dim() == 0 else str(tuple(t.shape))

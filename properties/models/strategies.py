@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from properties.models import architectures as archs
 from properties.models.spec import Hostile, ModelAdapter, ModelExample, ModelSpec
-from properties.spec import AdapterSpec, Example
+from properties.spec import AdapterSpec, ConvOptions, Example
 from properties.strategies import Hostile as LayerHostile
 from properties.strategies import _alpha, _choice, _ints, _unwrapped
 from properties.strategies import plant as plant_layer
@@ -47,6 +47,9 @@ class ModelDraw:
 
 
 def _config(draw: st.DrawFn, arch: str, min_layers: int) -> dict[str, object]:
+    fam = archs.family(arch)
+    if fam is not None:
+        return fam.draw_config(draw, min_layers)
     layers = draw(_ints(min_layers, 3), label="layers")
     vocab = draw(_ints(4, 24), label="vocab")
     inter = draw(_ints(1, 8), label="mlp width")
@@ -92,9 +95,8 @@ def _config(draw: st.DrawFn, arch: str, min_layers: int) -> dict[str, object]:
 @functools.lru_cache(maxsize=256)
 def _layout(arch: str, frozen_config: tuple) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...], dict]:
     """Parameter shapes, targetable paths and per-module facts of an architecture (built on meta)."""
-    config = archs.make_config(arch, dict(frozen_config))
     with torch.device("meta"):
-        model = archs.model_class(arch)._from_config(config, **archs.dtype_kw(torch.float32))
+        model = archs.construct(arch, dict(frozen_config), torch.float32)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     paths = tuple(archs.targetable(model))
     facts = {}
@@ -104,11 +106,29 @@ def _layout(arch: str, frozen_config: tuple) -> tuple[dict[str, tuple[int, ...]]
         facts[p] = dict(
             kind=archs.layer_kind(m),
             fan_in_fan_out=archs.is_conv1d(m),
-            out_in=tuple(w.shape),
+            out_in=tuple(w.shape[:2]),  # conv: (out, in/groups); the kernel is in ``conv``
             bias=getattr(m, "bias", None) is not None,
             padding_idx=getattr(m, "padding_idx", None),
+            conv=_conv_options(m),
         )
     return shapes, paths, facts
+
+
+def _conv_options(m: torch.nn.Module) -> ConvOptions | None:
+    """The geometry of a conv module (what its LoRA ``A`` conv copies), or None for other kinds."""
+    if not isinstance(m, torch.nn.modules.conv._ConvNd):
+        return None
+    padding = m.padding if isinstance(m.padding, str) else tuple(m.padding)
+    return ConvOptions(
+        tuple(m.kernel_size), tuple(m.stride), padding, tuple(m.dilation), m.groups, m.padding_mode
+    )
+
+
+def fan_in(fact: dict) -> int:
+    """Inputs summed per output: ``in`` for linear, ``in/groups * prod(kernel)`` for conv."""
+    _, in_f = fact["out_in"]
+    conv = fact.get("conv")
+    return in_f * math.prod(conv.kernel_size) if conv is not None else in_f
 
 
 def layout(spec: ModelSpec) -> tuple[dict, tuple[str, ...], dict]:
@@ -121,7 +141,24 @@ def _subset(draw: st.DrawFn, items: list[str], label: str) -> list[str]:
     return chosen or [items[draw(_ints(0, len(items) - 1), label=label)]]
 
 
-def _modules_plan(draw, targets: list[str], facts: dict) -> dict[str, tuple[int, float]]:
+def _grouped_targets(draw: st.DrawFn, groups: dict[str, list[str]], deep: list[str]) -> list[str]:
+    """A non-empty subset of the groups (one holding a ``deep`` path among them when asked), expanded."""
+    names = list(groups)
+    forced = [g for g in names if set(groups[g]) & set(deep)]
+    chosen = [forced[draw(_ints(0, len(forced) - 1), label="deep group")]] if forced else []
+    chosen += [g for g in names if g not in chosen and draw(_BOOL, label=f"target group {g}")]
+    if not chosen:
+        chosen = [names[draw(_ints(0, len(names) - 1), label="target group")]]
+    return [p for g in chosen for p in groups[g]]
+
+
+def _modules_plan(
+    draw, targets: list[str], facts: dict, uniform: bool = False
+) -> dict[str, tuple[int, float]]:
+    if uniform:  # one rank and alpha for every module (torchtune's builders)
+        r = draw(_ints(1, min(min(facts[p]["out_in"]) for p in targets) + 1), label="r")
+        alpha = _alpha(draw, r)
+        return {p: (r, alpha) for p in targets}
     plan = {}
     for p in targets:
         out_f, in_f = facts[p]["out_in"]
@@ -133,6 +170,7 @@ def _modules_plan(draw, targets: list[str], facts: dict) -> dict[str, tuple[int,
 @st.composite
 def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     arch = d.architecture
+    fam = archs.family(arch)  # None for the transformers architectures
     config = _config(draw, arch, 2 if d.deep_target else 1)
     shapes, paths, facts = _layout(arch, tuple(sorted(config.items())))
     ties = archs.TIES[arch]
@@ -141,21 +179,29 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
         t: draw(_ints(lo, hi), label=f"log2|{t}|") for t, lo, hi in (("W", -1, 1), ("A", -2, 1), ("B", -2, 1))
     }
 
-    pool = list(paths)
-    forced: list[str] = []
-    if d.tied_target:
-        a, b = ties[draw(_ints(0, len(ties) - 1))] if len(ties) > 1 else ties[0]
-        keep, twin = (a, b) if draw(_BOOL, label="tied: embedding side") else (b, a)
-        pool = [p for p in paths if p not in (keep, twin)]
-        forced = [keep]
-    if d.deep_target:
-        last = config.get("num_hidden_layers", config.get("n_layer"))
-        deep = [p for p in pool if f".{int(last) - 1}." in p and p not in forced]
-        forced.append(deep[draw(_ints(0, len(deep) - 1), label="deep target")])
-    optional = [p for p in pool if p not in forced]
-    targets = forced + ([p for p in optional if draw(_BOOL, label=f"target {p}")] if optional else [])
-    if not targets:
-        targets = [optional[draw(_ints(0, len(optional) - 1), label="target")]]
+    grouped = getattr(fam, "target_groups", None)
+    if grouped is not None:  # the library states LoRA per kind of module (torchtune)
+        deep = fam.deep_paths(config, paths) if d.deep_target else []
+        targets = _grouped_targets(draw, grouped(paths), deep)
+    else:
+        pool = list(paths)
+        forced: list[str] = []
+        if d.tied_target:
+            a, b = ties[draw(_ints(0, len(ties) - 1))] if len(ties) > 1 else ties[0]
+            keep, twin = (a, b) if draw(_BOOL, label="tied: embedding side") else (b, a)
+            pool = [p for p in paths if p not in (keep, twin)]
+            forced = [keep]
+        if d.deep_target:
+            if fam is not None:
+                deep = [p for p in fam.deep_paths(config, tuple(pool)) if p not in forced]
+            else:
+                last = config.get("num_hidden_layers", config.get("n_layer"))
+                deep = [p for p in pool if f".{int(last) - 1}." in p and p not in forced]
+            forced.append(deep[draw(_ints(0, len(deep) - 1), label="deep target")])
+        optional = [p for p in pool if p not in forced]
+        targets = forced + ([p for p in optional if draw(_BOOL, label=f"target {p}")] if optional else [])
+        if not targets:
+            targets = [optional[draw(_ints(0, len(optional) - 1), label="target")]]
     targets = [p for p in paths if p in targets]  # model order
 
     multi = "multi_adapter" in d.options
@@ -168,20 +214,25 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     if d.extra:
         extra_plan = _adapter_plan(draw, EXTRA_NAME, _subset(draw, list(paths), "extra targets"), facts, d, 2)
 
-    batch, seq = draw(_ints(1, 3), label="batch"), draw(_ints(1, 5), label="seq")
-    padding = draw(_choice(("none", "left", "right")), label="padding")
-    pads = [draw(_ints(0, seq - 1), label="pad") if padding != "none" else 0 for _ in range(batch)]
+    if fam is None:
+        batch, seq = draw(_ints(1, 3), label="batch"), draw(_ints(1, 5), label="seq")
+        padding = draw(_choice(("none", "left", "right")), label="padding")
+        pads = [draw(_ints(0, seq - 1), label="pad") if padding != "none" else 0 for _ in range(batch)]
 
     gen = torch.Generator().manual_seed(seed)
     base = _base_values(gen, shapes, facts, 2.0 ** log2["W"], d)
-    vocab = int(config["vocab_size"])
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.int64)
-    for row, k in enumerate(pads):
-        if k:
-            mask[row, :k] = 0 if padding == "left" else 1
-            if padding == "right":
-                mask[row, seq - k :] = 0
+    if fam is not None:  # not a token model: its own inputs, no token ids and no mask
+        inputs = fam.draw_inputs(draw, gen, config, d.dtype, d.device)
+        input_ids = mask = torch.zeros(1, 0, dtype=torch.int64)
+    else:
+        inputs = None
+        input_ids = torch.randint(0, int(config["vocab_size"]), (batch, seq), generator=gen)
+        mask = torch.ones(batch, seq, dtype=torch.int64)
+        for row, k in enumerate(pads):
+            if k:
+                mask[row, :k] = 0 if padding == "left" else 1
+                if padding == "right":
+                    mask[row, seq - k :] = 0
     spec = ModelSpec(
         architecture=arch,
         config=config,
@@ -195,7 +246,7 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     adapters = tuple(_fill_adapter(gen, spec, p, facts, log2) for p in plans)
     spec = replace(spec, adapters=adapters)
     extra = _fill_adapter(gen, spec, extra_plan, facts, log2) if extra_plan else None
-    ex = ModelExample(spec, input_ids.to(d.device), mask.to(d.device), extra=extra)
+    ex = ModelExample(spec, input_ids.to(d.device), mask.to(d.device), extra=extra, inputs=inputs)
     if not d.hostile:
         return ex
     kind = draw(_choice(("nan", "inf", "-inf", "overflow")), label="hostile")
@@ -209,7 +260,9 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
 def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int) -> dict:
     return dict(
         name=name,
-        modules=_modules_plan(draw, mods, facts),
+        modules=_modules_plan(
+            draw, mods, facts, getattr(archs.family(d.architecture), "UNIFORM_RANK", False)
+        ),
         rslora="rslora" in d.options and draw(_BOOL, label="rslora"),
         dora="dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora"),
     )
@@ -227,9 +280,8 @@ def _base_values(gen, shapes, facts, scale, d: ModelDraw) -> dict[str, torch.Ten
         if "norm" in name.lower() and name.endswith("weight"):
             t = 1 + torch.randn(shape, generator=gen, dtype=torch.float64) / 8
             out[name] = t.to(d.device, d.dtype)
-        elif module in facts and facts[module]["kind"] == "linear" and name.endswith("weight"):
-            fan_in = facts[module]["out_in"][1]
-            out[name] = _rounded(gen, shape, scale / math.sqrt(fan_in), d)
+        elif module in facts and facts[module]["kind"] != "embedding" and name.endswith("weight"):
+            out[name] = _rounded(gen, shape, scale / math.sqrt(fan_in(facts[module])), d)
         elif name.endswith("bias"):
             out[name] = _rounded(gen, shape, scale / 4, d)
         else:
@@ -250,20 +302,29 @@ def module_weight(spec: ModelSpec, path: str, base: dict[str, torch.Tensor] | No
 
 def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> ModelAdapter:
     d = ModelDraw(spec.architecture, spec.dtype, frozenset(), device=spec.device)
+    structure = getattr(archs.family(spec.architecture), "lora_structure", None)
     modules = {}
     for path, (r, alpha) in plan["modules"].items():
         f = facts[path]
         out_f, in_f = f["out_in"]
+        mask = None
+        if structure is not None:  # a library whose LoRA on this module has a fixed zero pattern (litgpt qkv)
+            r, alpha, mask = structure(path, spec.config, r, alpha, out_f)
         if f["kind"] == "embedding":  # canonical (num, dim): A (r, num), B (dim, r)
             a_shape, b_shape, k = (r, out_f), (in_f, r), 1
+        elif f.get("conv") is not None:  # A (r, in/g, *k): a conv like the base; B (out, r, *1): 1x1
+            ones = (1,) * len(f["conv"].kernel_size)
+            a_shape, b_shape, k = (r, in_f, *f["conv"].kernel_size), (out_f, r, *ones), fan_in(f)
         else:
             a_shape, b_shape, k = (r, in_f), (out_f, r), in_f
         A = _rounded(gen, a_shape, 2.0 ** log2["A"] / math.sqrt(k), d)
         B = _rounded(gen, b_shape, 2.0 ** log2["B"] / math.sqrt(r), d)
+        if mask is not None:  # +0.0 off the pattern (a product with 0 would leave -0.0 bits)
+            B = torch.where(mask.to(B.device).bool(), B, torch.zeros_like(B))
         mag = None
         if plan["dora"]:
             w = module_weight(spec, path).to(torch.float64)
-            norms = w.norm(dim=0) if f["kind"] == "embedding" else w.norm(dim=1)
+            norms = w.norm(dim=0) if f["kind"] == "embedding" else w.flatten(1).norm(dim=1)
             rand = torch.rand(norms.shape, generator=gen, dtype=torch.float64)
             mag = ((rand + 0.5) * norms + 2.0**-8).to(d.device, d.dtype)
         modules[path] = AdapterSpec(

@@ -38,7 +38,7 @@ class TorchModelHandle:
             def hook(module, args, output, path=path):
                 seen.setdefault(path, (args[0].detach().clone(), output.detach().clone()))
 
-            hooks.append(self.module(path).register_forward_hook(hook))
+            hooks.append(self.hooked(path).register_forward_hook(hook))
         try:
             self.outputs(batch)
         finally:
@@ -47,6 +47,10 @@ class TorchModelHandle:
         return seen
 
     # -- structure -------------------------------------------------------------------------------
+
+    def hooked(self, path: str) -> nn.Module:
+        """The module whose forward ``capture`` records at ``path`` (the one the model calls)."""
+        return self.module(path)
 
     def module(self, path: str) -> nn.Module:
         full = ".".join(p for p in (self.prefix, path) if p)

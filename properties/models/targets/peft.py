@@ -196,8 +196,11 @@ class PeftModelTarget:
     @cached_property
     def _capabilities(self) -> Capabilities:
         """Every model operation and option, less the options the installed ``LoraConfig`` lacks
-        (``use_rslora`` from 0.8, ``use_dora`` from 0.9): detected by field, not by a version table."""
+        (``use_rslora`` from 0.8, ``use_dora`` from 0.9): detected by field, not by a version table.
+        The library architectures (``unet``, ``torchtune_llama``, ``litgpt``) are driven through their own
+        libraries' targets (diffusers' is PEFT underneath)."""
         full = full_model_capabilities()
+        own = {a: f"{a} is driven through its own library's model target" for a in archs.FAMILIES}
         fields = inspect.signature(_peft().LoraConfig).parameters
         notes = dict(full.notes)
         options = set(full.options)
@@ -206,11 +209,11 @@ class PeftModelTarget:
                 options.discard(option)
                 notes[option] = f"peft {self.version()}: LoraConfig has no {field}"
         return Capabilities(
-            layers=full.layers,
+            layers=full.layers - set(own),
             dtypes=full.dtypes,
             operations=full.operations,
             options=frozenset(options),
-            notes=notes,
+            notes={**own, **notes},
         )
 
     def capabilities(self) -> Capabilities:

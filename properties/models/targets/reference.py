@@ -106,8 +106,9 @@ class ReferenceModelHandle(TorchModelHandle):
     # -- merging ---------------------------------------------------------------------------------
 
     def _untied(self, names: list[str]) -> None:
-        if names and getattr(self.root.config, "tie_word_embeddings", False):
-            self.root.config.tie_word_embeddings = False
+        config = getattr(self.root, "config", None)  # transformers and diffusers models have one
+        if names and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
 
     def merge(self, *, adapter_names: Sequence[str] | None = None, safe: bool = False) -> None:
         self._untied(lora_core.model.merge(self.root, safe, adapter_names))
@@ -135,7 +136,7 @@ class ReferenceModelHandle(TorchModelHandle):
 
     def snapshot(self) -> dict[str, object]:
         snap = super().snapshot()
-        snap["tie_word_embeddings"] = getattr(self.root.config, "tie_word_embeddings", None)
+        snap["tie_word_embeddings"] = getattr(getattr(self.root, "config", None), "tie_word_embeddings", None)
         for path, layer in self._layers().items():
             snap[f"{path}:merged"] = list(layer.merged_adapters)
             snap[f"{path}:active"] = list(layer.active_adapters)
@@ -194,7 +195,7 @@ class ReferenceModelHandle(TorchModelHandle):
     def save_merged(self, directory: Path) -> None:
         if self._layers():
             raise ValueError("the model still holds LoRA layers: merge_and_unload first")
-        self.root.save_pretrained(str(directory))
+        archs.save_pretrained(self.spec, self.root, str(directory))
 
 
 def _base(m: nn.Module) -> nn.Module:
