@@ -90,23 +90,41 @@ def _active_paths(spec: ModelSpec) -> list[str]:
     return [p for p in spec.targeted if any(p in spec.adapter(n).modules for n in spec.active_adapters)]
 
 
-def _untargeted_identical(ctx: Context, h, spec: ModelSpec, what: str) -> None:
-    """Every parameter of a module no active adapter targets is bit-identical to the base."""
+def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def _untargeted_identical(ctx: Context, h, spec: ModelSpec, what: str, unloaded: bool = False) -> None:
+    """Every parameter of a module no active adapter targets is bit-identical to the base; after
+    merge-and-unload, a module an active adapter saves whole (``modules_to_save``) is bit-identical to
+    that adapter's trained copy instead (the fine-tuned model keeps it)."""
     targeted = set(_active_paths(spec))
     params = h.base_parameters()
     for name, value in params.items():
-        if name.rpartition(".")[0] in targeted:
+        module, _, leaf = name.rpartition(".")
+        if module in targeted:
             continue
-        expected = _base_value(spec, name)
+        trained = spec.saved_module(module) if unloaded else None
+        expected = trained[leaf] if trained is not None else _base_value(spec, name)
+        if trained is not None and not _bit_equal(value, expected):
+            was = (
+                "the original"
+                if _bit_equal(value, _base_value(spec, name))
+                else "neither it nor the original"
+            )
+            raise PropertyFailure(
+                f"{what}: {name} is not the trained copy of modules_to_save {module!r} ({was})"
+            )
         if value.dtype != expected.dtype or not torch.equal(bits(value), bits(expected)):
             twin = spec.twin(name.rpartition(".")[0])
             note = f" (it is tied to {twin}, which an adapter targets)" if twin in targeted else ""
             raise PropertyFailure(f"{what}: untargeted parameter {name} changed{note}")
 
 
-def _judge_merged(ctx: Context, h, spec: ModelSpec, before: dict, what: str) -> None:
-    """Each adapted module, fed its unmerged-forward input, is within the layer bound; merged weights
-    within the merge bound; everything untargeted bit-identical."""
+def _judge_merged(ctx: Context, h, spec: ModelSpec, before: dict, what: str, unloaded: bool) -> None:
+    """Each adapted module, fed its unmerged-forward input, is within the layer bound (a LoRA bias
+    included: the layer half's bound and merged bias ``b + s·b_lora``); merged weights within the merge
+    bound; everything untargeted bit-identical, or the trained copy of a module to save once unloaded."""
     for path in _active_paths(spec):
         if path not in before:
             continue  # a module the forward never reached (BERT's pooler on some outputs): nothing to feed
@@ -127,7 +145,7 @@ def _judge_merged(ctx: Context, h, spec: ModelSpec, before: dict, what: str) -> 
             stored["bias"] = base.bias.detach()
         for key, e in weights.items():
             _check(ctx, ls, stored[key], e, f"{path}: {what} {key}")
-    _untargeted_identical(ctx, h, spec, what)
+    _untargeted_identical(ctx, h, spec, what, unloaded)
 
 
 def _ex(ctx: Context) -> ModelExample:
@@ -152,7 +170,7 @@ def model_merge_equivalence(ctx: Context) -> None:
     h = ctx.build()
     before = h.capture(ex.batch, _active_paths(spec))
     h.merge_and_unload()
-    _judge_merged(ctx, h, spec, before, "merged")
+    _judge_merged(ctx, h, spec, before, "merged", unloaded=True)
 
 
 @model_prop(
@@ -306,7 +324,7 @@ def model_tied_weights(ctx: Context) -> None:
                 raise
             assert_identical(snap, h.snapshot(), f"{op} refused ({e}) but changed the model")
             continue
-        _judge_merged(ctx, h, spec, before, f"tied, after {op}:")
+        _judge_merged(ctx, h, spec, before, f"tied, after {op}:", unloaded=op == "merge_and_unload")
 
 
 @model_prop(
@@ -346,7 +364,9 @@ def model_adapter_isolation(ctx: Context) -> None:
     h_names = [n for n in [*names, ex.extra.name] if n != gone]
     for n, out in solo().items():
         _same(out, alone[n], f"adapter {n!r} after delete_adapter({gone!r})")
-    if "weighted_cat" in ctx.target.capabilities().operations and not any(a.use_dora for a in spec.adapters):
+    # A weighted combination of DoRA adapters or of LoRA biases has no agreed meaning: not checked.
+    combinable = not any(a.use_dora or a.lora_bias for a in spec.adapters)
+    if "weighted_cat" in ctx.target.capabilities().operations and combinable:
         weights = [ctx.draw(st.sampled_from((0.5, 1.0, 2.0, -1.0, 0.25)), f"weight {n}") for n in names]
         _weighted(ctx, spec, names, weights)
 
@@ -413,7 +433,7 @@ def model_unloaded_is_plain(ctx: Context) -> None:
     h.merge_and_unload()
     if h.modules() != base.modules():
         raise PropertyFailure(f"after merge_and_unload: {_module_diff(h.modules(), base.modules())}")
-    lora = [n for n in h.parameters() if "lora" in n.lower()]
+    lora = [n for n in h.parameters() if "lora" in n.lower() or "modules_to_save" in n]
     if lora:
         raise PropertyFailure(f"after merge_and_unload, LoRA parameters are left: {lora[:4]}")
     shapes = {k: tuple(v.shape) for k, v in h.base_parameters().items()}

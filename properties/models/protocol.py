@@ -43,7 +43,9 @@ MODEL_OPERATIONS = frozenset(
         "save_merged",  # save_merged(dir) / target.load_merged(spec, dir)
     }
 )
-MODEL_OPTIONS = frozenset({"multi_adapter", "rslora", "dora"})
+MODEL_OPTIONS = frozenset({"multi_adapter", "rslora", "dora", "lora_bias", "modules_to_save"})
+"""``lora_bias``: a LoRA bias on modules with a base bias (PEFT ``lora_bias=True``); ``modules_to_save``:
+whole modules trained and saved with the adapter (PEFT ``modules_to_save``)."""
 
 
 def full_model_capabilities() -> Capabilities:

@@ -3,10 +3,11 @@
 Drawn per example: the architecture's config (1-3 layers, hidden sizes down to the smallest the
 architecture allows, heads and GQA key/value heads, vocabulary, MLP width), which modules are targeted
 (any subset of the linear / Conv1D / embedding / ``lm_head`` modules, tied ones included), per-module
-ranks (up to and past the smallest dimension) and alphas, rsLoRA and DoRA per adapter, 1-2 adapters,
-and the inputs (batch, sequence length, left/right padding with an attention mask). Every tensor is
-then filled from a ``torch.Generator`` seeded by a drawn integer and rounded to the dtype, as in the
-layer half (``properties.strategies``).
+ranks (up to and past the smallest dimension) and alphas, rsLoRA and DoRA per adapter, a LoRA bias
+(on modules with a base bias), ``modules_to_save`` (1-2 untargeted, untied modules with parameters, on
+the first adapter), 1-2 adapters, and the inputs (batch, sequence length, left/right padding with an
+attention mask). Every tensor is then filled from a ``torch.Generator`` seeded by a drawn integer and
+rounded to the dtype, as in the layer half (``properties.strategies``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,21 @@ def _layout(arch: str, frozen_config: tuple) -> tuple[dict[str, tuple[int, ...]]
     return shapes, paths, facts
 
 
+@functools.lru_cache(maxsize=256)
+def _saveable(arch: str, frozen_config: tuple) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Modules ``modules_to_save`` may name: every module holding parameters of its own (linear, Conv1D,
+    embedding, norm), with its parameters' shapes, leaving out both modules of a tied pair."""
+    config = archs.make_config(arch, dict(frozen_config))
+    with torch.device("meta"):
+        model = archs.model_class(arch)._from_config(config, **archs.dtype_kw(torch.float32))
+    tied = {p for pair in archs.TIES[arch] for p in pair}
+    return {
+        name: {k: tuple(p.shape) for k, p in m.named_parameters(recurse=False)}
+        for name, m in model.named_modules()
+        if name and name not in tied and any(True for _ in m.parameters(recurse=False))
+    }
+
+
 def layout(spec: ModelSpec) -> tuple[dict, tuple[str, ...], dict]:
     return _layout(spec.architecture, tuple(sorted(spec.config.items())))
 
@@ -163,10 +179,20 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     plans = []
     for i in range(n):
         mods = targets if i == 0 else _subset(draw, targets, f"adapter {i} targets")
-        plans.append(_adapter_plan(draw, ADAPTER_NAMES[i], mods, facts, d, n))
+        plans.append(_adapter_plan(draw, ADAPTER_NAMES[i], mods, facts, d, n, forced))
+    saved: list[str] = []
+    if "modules_to_save" in d.options:
+        lora = {p for plan in plans for p in plan["modules"]}
+        pool_saved = [p for p in _saveable(arch, tuple(sorted(config.items()))) if p not in lora]
+        if pool_saved and draw(_BOOL, label="modules_to_save"):
+            saved = [pool_saved[draw(_ints(0, len(pool_saved) - 1), label="module to save")]]
+            second = pool_saved[draw(_ints(0, len(pool_saved) - 1), label="second module to save")]
+            saved += [second] if second not in saved and draw(_BOOL, label="two modules to save") else []
+            plans[0]["saved"] = [p for p in pool_saved if p in saved]  # model order
     extra_plan = None
     if d.extra:
-        extra_plan = _adapter_plan(draw, EXTRA_NAME, _subset(draw, list(paths), "extra targets"), facts, d, 2)
+        extra_pool = [p for p in paths if p not in saved]
+        extra_plan = _adapter_plan(draw, EXTRA_NAME, _subset(draw, extra_pool, "extra targets"), facts, d, 2)
 
     batch, seq = draw(_ints(1, 3), label="batch"), draw(_ints(1, 5), label="seq")
     padding = draw(_choice(("none", "left", "right")), label="padding")
@@ -206,13 +232,24 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     return replace(ex, spec=plant(spec, h), hostile=h, clean=spec)
 
 
-def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int) -> dict:
-    return dict(
-        name=name,
-        modules=_modules_plan(draw, mods, facts),
-        rslora="rslora" in d.options and draw(_BOOL, label="rslora"),
-        dora="dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora"),
+def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int, forced=()) -> dict:
+    modules = _modules_plan(draw, mods, facts)
+    rslora = "rslora" in d.options and draw(_BOOL, label="rslora")
+    dora = "dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora")
+    # A LoRA bias needs a base bias to merge into (PEFT refuses it on embeddings and cannot merge it
+    # without one), so an adapter with one keeps only its modules that have a base bias: never fewer
+    # than the modules a property forces (a tied or a deep target).
+    with_bias = [p for p in modules if facts[p]["bias"] and facts[p]["kind"] == "linear"]
+    lora_bias = (
+        "lora_bias" in d.options
+        and not dora
+        and bool(with_bias)
+        and all(p in with_bias for p in forced if p in modules)
+        and draw(_BOOL, label="lora_bias")
     )
+    if lora_bias:
+        modules = {p: v for p, v in modules.items() if p in with_bias}
+    return dict(name=name, modules=modules, rslora=rslora, dora=dora, lora_bias=lora_bias, saved=[])
 
 
 def _rounded(gen, shape, scale, d) -> torch.Tensor:
@@ -266,6 +303,7 @@ def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> 
             norms = w.norm(dim=0) if f["kind"] == "embedding" else w.norm(dim=1)
             rand = torch.rand(norms.shape, generator=gen, dtype=torch.float64)
             mag = ((rand + 0.5) * norms + 2.0**-8).to(d.device, d.dtype)
+        bias = _rounded(gen, (b_shape[0],), 2.0 ** log2["B"] / 4, d) if plan.get("lora_bias") else None
         modules[path] = AdapterSpec(
             name=plan["name"],
             r=r,
@@ -274,9 +312,28 @@ def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> 
             B=B,
             use_rslora=plan["rslora"],
             use_dora=plan["dora"],
+            bias=bias,
             magnitude=mag,
         )
-    return ModelAdapter(plan["name"], modules, use_rslora=plan["rslora"], use_dora=plan["dora"])
+    saved = {path: _trained_copy(gen, spec, path, d) for path in plan.get("saved", ())}
+    return ModelAdapter(
+        plan["name"],
+        modules,
+        use_rslora=plan["rslora"],
+        use_dora=plan["dora"],
+        lora_bias=bool(plan.get("lora_bias")),
+        modules_to_save=saved,
+    )
+
+
+def _trained_copy(gen, spec: ModelSpec, path: str, d: ModelDraw) -> dict[str, torch.Tensor]:
+    """A module to save after "training": each parameter moved by about a quarter of its mean size."""
+    out = {}
+    for key in _saveable(spec.architecture, tuple(sorted(spec.config.items())))[path]:
+        b = spec.base[f"{path}.{key}"].to("cpu", torch.float64)
+        noise = torch.randn(b.shape, generator=gen, dtype=torch.float64)
+        out[key] = (b + noise * (b.abs().mean() + 2.0**-4) / 4).to(d.device, d.dtype)
+    return out
 
 
 def plant(spec: ModelSpec, h: Hostile) -> ModelSpec:

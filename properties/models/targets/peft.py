@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ PREFIX = "base_model.model"
 
 def _config(adapter: ModelAdapter) -> Any:
     first = next(iter(adapter.modules.values()))
+    extra: dict[str, Any] = {}
+    if adapter.lora_bias:  # only drawn when the release has it (PEFT >= 0.14)
+        extra["lora_bias"] = True
+    if adapter.modules_to_save:
+        extra["modules_to_save"] = list(adapter.modules_to_save)
     return _peft().LoraConfig(
         target_modules=list(adapter.modules),
         r=first.r,
@@ -42,7 +48,14 @@ def _config(adapter: ModelAdapter) -> Any:
         use_rslora=adapter.use_rslora,
         use_dora=adapter.use_dora,
         init_lora_weights=False,
+        **extra,
     )
+
+
+def _has_lora_bias() -> bool:
+    import dataclasses
+
+    return any(f.name == "lora_bias" for f in dataclasses.fields(_peft().LoraConfig))
 
 
 @contextmanager
@@ -86,8 +99,24 @@ class PeftModelHandle(TorchModelHandle):
             else:
                 _set(layer.lora_A[adapter.name], a.A)
                 _set(layer.lora_B[adapter.name], a.B)
+            if a.bias is not None:
+                _set(layer.lora_B[adapter.name].bias, a.bias)
             if a.magnitude is not None:
                 _set(layer.lora_magnitude_vector[adapter.name], a.magnitude)
+        saved = self._saved()
+        for path, params in adapter.modules_to_save.items():
+            copy = dict(saved[path].modules_to_save[adapter.name].named_parameters())
+            for key, value in params.items():
+                _set(copy[key], value)
+
+    def _saved(self) -> dict[str, nn.Module]:
+        """PEFT's ``ModulesToSaveWrapper`` modules, by model path."""
+        start = len(self.prefix) + 1 if self.prefix else 0
+        return {
+            n[start:]: m
+            for n, m in self.root.named_modules()
+            if type(m).__name__ == "ModulesToSaveWrapper" and hasattr(m, "modules_to_save")
+        }
 
     # -- ModelHandle -------------------------------------------------------------------------------
 
@@ -104,6 +133,13 @@ class PeftModelHandle(TorchModelHandle):
                 if name in store:
                     v = store[name]
                     out[f"{path}/{key}"] = (v if isinstance(v, torch.Tensor) else v.weight).detach()
+            bias = getattr(layer.lora_B[name], "bias", None) if not emb and name in layer.lora_B else None
+            if bias is not None:
+                out[f"{path}/bias"] = bias.detach()
+        for path, wrapper in self._saved().items():
+            if name in wrapper.modules_to_save:
+                for key, p in wrapper.modules_to_save[name].named_parameters():
+                    out[f"{path}/saved.{key}"] = p.detach()
         return out
 
     def snapshot(self) -> dict[str, object]:
@@ -181,7 +217,10 @@ class PeftModelTarget:
         return str(_peft().__version__)
 
     def capabilities(self) -> Capabilities:
-        return full_model_capabilities()
+        caps = full_model_capabilities()
+        if _has_lora_bias():
+            return caps
+        return replace(caps, options=caps.options - {"lora_bias"})
 
     def build_base(self, spec: ModelSpec) -> PeftModelHandle:
         return PeftModelHandle(archs.build_base(spec), peft_wrapped=False)
