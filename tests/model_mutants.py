@@ -216,6 +216,14 @@ class DisableKeepsTrainedCopy(ReferenceModelHandle):
                 layer.enable_adapters(True)
 
 
+class UnmergeLeavesDelta(ReferenceModelHandle):
+    """unmerge() forgets the modules' merged state without subtracting: the merged weights stay."""
+
+    def unmerge(self) -> None:
+        for layer in self._layers().values():
+            layer.merged_adapters.clear()
+
+
 @dataclass(frozen=True)
 class ModelMutant:
     name: str
@@ -281,6 +289,7 @@ MODEL_MUTANTS: tuple[ModelMutant, ...] = (
     ModelMutant(
         "weighted_ignores_weights", ("model_adapter_isolation",), "bert", "float32", WeightedIgnoresWeights
     ),
+    ModelMutant("unmerge_leaves_delta", ("model_merge_unmerge",), "llama", "float32", UnmergeLeavesDelta),
     ModelMutant(
         "lora_bias_merged_unscaled", ("model_merge_equivalence",), "gpt2", "float32", LoraBiasMergedUnscaled
     ),

@@ -27,13 +27,23 @@ from properties.models.oracle import adapter_numel, layer_spec, weighted_cat_spe
 from properties.models.protocol import MODEL_OPTIONS, model_target_for
 from properties.models.spec import ARCHITECTURES, TIED_ARCHITECTURES, ModelExample, ModelSpec
 from properties.models.strategies import ModelDraw, model_examples
-from properties.precision import Expected, forward_expected, weights_expected
+from properties.precision import Expected, forward_expected, roundtrip_expected, weights_expected
 from properties.spec import LayerSpec
+from properties.targets.protocol import Unsupported
 
 
 def _draw(**kw) -> Callable:
     def make(caps, arch, dtype) -> ModelDraw:
-        return ModelDraw(architecture=arch, dtype=dtype, options=caps.options & MODEL_OPTIONS, **kw)
+        rules = {k: getattr(caps, k, None) for k in ("targetable", "closure")}
+        uniform = bool(getattr(caps, "uniform_rank", False))
+        return ModelDraw(
+            architecture=arch,
+            dtype=dtype,
+            options=caps.options & MODEL_OPTIONS,
+            uniform_rank=uniform,
+            **rules,
+            **kw,
+        )
 
     return make
 
@@ -302,15 +312,43 @@ _REFUSALS = (ValueError, RuntimeError, NotImplementedError)
 
 
 @model_prop(
+    "model_merge_unmerge",
+    "Merging in place (adapters kept, e.g. merge_adapter): every adapted module, fed its unmerged input, is "
+    "within the layer bound and every untargeted parameter bit-identical; unmerging restores every merged "
+    "weight within the round-trip bound and leaves the rest bit-identical.",
+    requires={"merge", "unmerge"},
+)
+def model_merge_unmerge(ctx: Context) -> None:
+    ex, spec = _ex(ctx), ctx.spec
+    h = ctx.build()
+    before = h.capture(ex.batch, _active_paths(spec))
+    h.merge()
+    _judge_merged(ctx, h, spec, before, "merged in place", unloaded=False)
+    h.unmerge()
+    for path in _active_paths(spec):
+        ls = layer_spec(spec, path)
+        module = h.module(path)
+        base = getattr(module, "base_layer", module)
+        stored = {"weight": archs.canonical_weight(base)}
+        if getattr(base, "bias", None) is not None:
+            stored["bias"] = base.bias.detach()
+        for key, e in roundtrip_expected(ls, ls.adapter_names, ctx.arith).items():
+            _check(ctx, ls, stored[key], e, f"{path}: {key} after merge and unmerge")
+    _untargeted_identical(ctx, h, spec, "after merge and unmerge")
+
+
+@model_prop(
     "model_tied_weights",
     "A LoRA on one of two tied modules: after merge (and merge_and_unload) the model equals the unmerged "
     "model and the untargeted twin is bit-identical, or the library refuses with a clear error.",
-    requires={"merge"},
+    requires={"merge", "tied_target"},
     layers=TIED_ARCHITECTURES,
     tied_target=True,
 )
 def model_tied_weights(ctx: Context) -> None:
     ex, spec = _ex(ctx), ctx.spec
+    if not any(spec.twin(p) is not None for p in spec.targeted):
+        raise Unsupported(f"{ctx.target.name} cannot put a LoRA on either module of a tied pair")
     for op in ("merge", "merge_and_unload"):
         if op == "merge_and_unload" and "merge_and_unload" not in ctx.target.capabilities().operations:
             continue
@@ -331,7 +369,7 @@ def model_tied_weights(ctx: Context) -> None:
     "model_adapter_isolation",
     "Adding, deleting or switching one adapter leaves every other adapter's outputs bit-identical; "
     "add_weighted_adapter (cat) merges to the weighted sum of deltas within the merge bound.",
-    requires={"set_active", "add_adapter", "delete_adapter"},
+    requires={"set_active", "add_adapter", "delete_adapter", "multi_adapter"},
     cost=2.0,  # three adapters, a dozen forwards and a second model per example
     min_adapters=2,
     extra=True,

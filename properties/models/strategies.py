@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,6 +46,10 @@ class ModelDraw:
     hostile: bool = False
     deep_target: bool = False  # >= 2 layers and a target in the last one (mismatched-key loads)
     device: str = "cpu"
+    # What the target can adapt (``ModelCapabilities``): None = every module, any subset, any rank.
+    targetable: Callable[[str, tuple[str, ...]], tuple[str, ...]] | None = None
+    closure: Callable[[str, list[str]], list[str]] | None = None
+    uniform_rank: bool = False
 
 
 def _config(draw: st.DrawFn, arch: str, min_layers: int) -> dict[str, object]:
@@ -137,7 +142,18 @@ def _subset(draw: st.DrawFn, items: list[str], label: str) -> list[str]:
     return chosen or [items[draw(_ints(0, len(items) - 1), label=label)]]
 
 
-def _modules_plan(draw, targets: list[str], facts: dict) -> dict[str, tuple[int, float]]:
+def _closed(d: ModelDraw, arch: str, chosen: list[str]) -> list[str]:
+    """``chosen`` grown to a set one adapter of the target can hold (``ModelCapabilities.closure``)."""
+    return list(chosen) if d.closure is None else list(d.closure(arch, list(chosen)))
+
+
+def _modules_plan(
+    draw, targets: list[str], facts: dict, uniform: bool = False
+) -> dict[str, tuple[int, float]]:
+    if uniform:  # one r and alpha for the adapter, up to one past its smallest module's dimension
+        r = draw(_ints(1, min(min(facts[p]["out_in"]) for p in targets) + 1), label="r")
+        alpha = _alpha(draw, r)
+        return {p: (r, alpha) for p in targets}
     plan = {}
     for p in targets:
         out_f, in_f = facts[p]["out_in"]
@@ -151,7 +167,11 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     arch = d.architecture
     config = _config(draw, arch, 2 if d.deep_target else 1)
     shapes, paths, facts = _layout(arch, tuple(sorted(config.items())))
+    if d.targetable is not None:
+        paths = tuple(p for p in paths if p in set(d.targetable(arch, paths)))
     ties = archs.TIES[arch]
+    # a tie neither side of which the target can adapt is not drawn as a tied target
+    drawable_ties = tuple(t for t in ties if t[0] in paths or t[1] in paths)
     seed = draw(_ints(0, 2**31 - 1), label="seed")
     log2 = {
         t: draw(_ints(lo, hi), label=f"log2|{t}|") for t, lo, hi in (("W", -1, 1), ("A", -2, 1), ("B", -2, 1))
@@ -159,8 +179,12 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
 
     pool = list(paths)
     forced: list[str] = []
-    if d.tied_target:
-        a, b = ties[draw(_ints(0, len(ties) - 1))] if len(ties) > 1 else ties[0]
+    if d.tied_target and drawable_ties:
+        a, b = (
+            drawable_ties[draw(_ints(0, len(drawable_ties) - 1))]
+            if len(drawable_ties) > 1
+            else drawable_ties[0]
+        )
         keep, twin = (a, b) if draw(_BOOL, label="tied: embedding side") else (b, a)
         pool = [p for p in paths if p not in (keep, twin)]
         forced = [keep]
@@ -172,13 +196,13 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     targets = forced + ([p for p in optional if draw(_BOOL, label=f"target {p}")] if optional else [])
     if not targets:
         targets = [optional[draw(_ints(0, len(optional) - 1), label="target")]]
-    targets = [p for p in paths if p in targets]  # model order
+    targets = [p for p in paths if p in _closed(d, arch, targets)]  # model order
 
     multi = "multi_adapter" in d.options
     n = draw(_ints(d.min_adapters, d.max_adapters if multi else 1), label="adapters")
     plans = []
     for i in range(n):
-        mods = targets if i == 0 else _subset(draw, targets, f"adapter {i} targets")
+        mods = targets if i == 0 else _closed(d, arch, _subset(draw, targets, f"adapter {i} targets"))
         plans.append(_adapter_plan(draw, ADAPTER_NAMES[i], mods, facts, d, n, forced))
     saved: list[str] = []
     if "modules_to_save" in d.options:
@@ -192,7 +216,8 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     extra_plan = None
     if d.extra:
         extra_pool = [p for p in paths if p not in saved]
-        extra_plan = _adapter_plan(draw, EXTRA_NAME, _subset(draw, extra_pool, "extra targets"), facts, d, 2)
+        extra_mods = _closed(d, arch, _subset(draw, extra_pool, "extra targets"))
+        extra_plan = _adapter_plan(draw, EXTRA_NAME, extra_mods, facts, d, 2)
 
     batch, seq = draw(_ints(1, 3), label="batch"), draw(_ints(1, 5), label="seq")
     padding = draw(_choice(("none", "left", "right")), label="padding")
@@ -233,7 +258,7 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
 
 
 def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int, forced=()) -> dict:
-    modules = _modules_plan(draw, mods, facts)
+    modules = _modules_plan(draw, mods, facts, d.uniform_rank)
     rslora = "rslora" in d.options and draw(_BOOL, label="rslora")
     dora = "dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora")
     # A LoRA bias needs a base bias to merge into (PEFT refuses it on embeddings and cannot merge it
