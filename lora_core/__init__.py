@@ -21,6 +21,7 @@ from .embedding import Embedding
 from .layer import BASE, LoraLayer, MergePlan, compute_dtype
 from .linear import Conv1D, Linear
 from .mha import MultiheadAttention
+from .saved import ModulesToSave
 from .wrap import inject, wrap
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "LoraConfig",
     "LoraLayer",
     "MergePlan",
+    "ModulesToSave",
     "MultiheadAttention",
     "compute_dtype",
     "inject",

@@ -9,6 +9,9 @@ A whole-model merge is not a loop of layer merges, for two reasons:
   merged weight in place would change the twin too. The layer gets its own copy first; the names of
   the parameters so untied are returned, so the caller can clear its tie flag (a model saved with a
   stale ``tie_word_embeddings=True`` would be re-tied on load).
+
+Modules an adapter saves whole (:class:`~lora_core.saved.ModulesToSave`) are not merged: merge-and-unload
+puts the copy in force in their place, unload the original.
 """
 
 from __future__ import annotations
@@ -19,11 +22,17 @@ import torch
 from torch import nn
 
 from .layer import LoraLayer
+from .saved import ModulesToSave
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """Every LoRA layer by module path, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:
+    """Every module saved whole by some adapter (``modules_to_save``), by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSave)}
 
 
 def _owners(model: nn.Module) -> dict[int, list[str]]:
@@ -80,6 +89,14 @@ def unmerge(model: nn.Module) -> None:
 
 def _replace_layers(model: nn.Module, keep_merged: bool) -> nn.Module:
     root = model
+    for path, saved in saved_modules(model).items():
+        # merged: the fine-tuned model keeps the active adapter's copy; unloaded: the original is back
+        chosen = saved.in_force(ignore_disabled=True) if keep_merged else saved.original_module
+        if not path:
+            root = chosen
+            continue
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, chosen)
     for path, layer in lora_layers(model).items():
         if keep_merged:
             layer._originals = None

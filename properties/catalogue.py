@@ -174,7 +174,8 @@ class Property:
     bind: Callable[[Target], Target] | None = None
 
     def missing(self, caps: Capabilities) -> list[str]:
-        return sorted(self.requires - caps.operations)
+        # an option may be required too (several adapters summed: ``multi_adapter``)
+        return sorted(self.requires - caps.operations - caps.options)
 
 
 REGISTRY: dict[str, Property] = {}

@@ -59,10 +59,11 @@ MODEL_FEATURES: dict[str, str] = {
     "targets": "model: number of targeted modules",
     "layers": "model: hidden layers (unet: resnets per block)",
     "masked": "model: the attention mask has padding",
+    "modules_to_save": "model: number of modules some adapter saves whole (modules_to_save)",
 }
 FEATURES.update(MODEL_FEATURES)
-_LAYER_DEFAULTS = {"architecture": "", "targets": 0, "layers": 0} | {
-    k: False for k in MODEL_FEATURES if k not in ("architecture", "targets", "layers")
+_LAYER_DEFAULTS = {"architecture": "", "targets": 0, "layers": 0, "modules_to_save": 0} | {
+    k: False for k in MODEL_FEATURES if k not in ("architecture", "targets", "layers", "modules_to_save")
 }
 
 _NODES = (

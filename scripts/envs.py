@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/envs.py create loralib          # or torchtune | litgpt | diffusers | lycoris | all
+    python scripts/envs.py create loralib  # torchtune litgpt diffusers lycoris adapters keras all
     python scripts/envs.py run loralib -- python -m pytest tests/test_library_targets.py
     python scripts/envs.py list
 
@@ -30,6 +30,10 @@ LIBRARIES: dict[str, list[str]] = {
     # The PEFT backend (fuse_lora/unfuse_lora) needs peft and transformers next to diffusers.
     "diffusers": ["diffusers==0.42.1", "peft==0.21.2", "transformers>=5,<6"],
     "lycoris": ["lycoris-lora==4.1.3"],
+    # adapter-hub `adapters` pins its own transformers (~=4.57.6), older than the suite's 5.x.
+    "adapters": ["adapters==1.3.0", "transformers==4.57.6"],
+    # Keras 3 runs on the torch backend (KERAS_BACKEND=torch); h5py/ml-dtypes/optree come with it.
+    "keras": ["keras==3.15.1"],
 }
 
 

@@ -7,7 +7,8 @@ with ``layer`` (architecture) and ``dtype``, is the cell ``tests/test_model_muta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,80 @@ class WeightedIgnoresWeights(ReferenceModelHandle):
         super().add_weighted_adapter(names, [1.0] * len(names), new_name)
 
 
+class LoraBiasMergedUnscaled(ReferenceModelHandle):
+    """merge_and_unload adds the LoRA bias to the base bias without its scaling ``alpha / r``."""
+
+    def merge_and_unload(self, *, safe: bool = False) -> None:
+        fix = [
+            (layer.base_layer, layer.lora_bias[n].detach().clone(), layer.scaling[n])
+            for layer in self._layers().values()
+            for n in layer.active_adapters
+            if n in layer.lora_bias
+        ]
+        super().merge_and_unload(safe=safe)
+        with torch.no_grad():
+            for base, b, s in fix:
+                base.bias.copy_((base.bias.double() + (1 - s) * b.double()).to(base.bias.dtype))
+
+
+class TrainedCopyLostOnSave(ReferenceModelHandle):
+    """save_adapter writes the LoRA factors but not the trained copies of modules_to_save."""
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        out = super().adapter_tensors(name)
+        if getattr(self, "_saving", False):
+            out = {k: v for k, v in out.items() if "/saved." not in k}
+        return out
+
+    def save_adapter(self, directory: Path, name: str) -> None:
+        self._saving = True
+        try:
+            super().save_adapter(directory, name)
+        finally:
+            self._saving = False
+
+
+class UnloadKeepsTrainedCopy(ReferenceModelHandle):
+    """unload() leaves the active adapter's trained copy of a module to save in place of the original."""
+
+    def unload(self) -> None:
+        for saved in self._saved().values():
+            saved.original_module = saved.in_force(ignore_disabled=True)
+        super().unload()
+
+
+class MergeDropsTrainedCopy(ReferenceModelHandle):
+    """merge_and_unload puts the original module back where a module to save was (training lost)."""
+
+    def merge_and_unload(self, *, safe: bool = False) -> None:
+        for saved in self._saved().values():
+            saved.active_adapter = None
+        super().merge_and_unload(safe=safe)
+
+
+class DisableKeepsTrainedCopy(ReferenceModelHandle):
+    """Disabling adapters disables the LoRA layers but leaves the trained copies of modules to save in use."""
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        layers = list(self._layers().values())
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+
+class UnmergeLeavesDelta(ReferenceModelHandle):
+    """unmerge() forgets the modules' merged state without subtracting: the merged weights stay."""
+
+    def unmerge(self) -> None:
+        for layer in self._layers().values():
+            layer.merged_adapters.clear()
+
+
 @dataclass(frozen=True)
 class ModelMutant:
     name: str
@@ -213,6 +288,30 @@ MODEL_MUTANTS: tuple[ModelMutant, ...] = (
     ),
     ModelMutant(
         "weighted_ignores_weights", ("model_adapter_isolation",), "bert", "float32", WeightedIgnoresWeights
+    ),
+    ModelMutant("unmerge_leaves_delta", ("model_merge_unmerge",), "llama", "float32", UnmergeLeavesDelta),
+    ModelMutant(
+        "lora_bias_merged_unscaled", ("model_merge_equivalence",), "gpt2", "float32", LoraBiasMergedUnscaled
+    ),
+    ModelMutant(
+        "trained_copy_lost_on_save", ("model_adapter_save_load",), "llama", "float32", TrainedCopyLostOnSave
+    ),
+    ModelMutant(
+        "unload_keeps_trained_copy",
+        ("model_unload_restores_base",),
+        "llama",
+        "float32",
+        UnloadKeepsTrainedCopy,
+    ),
+    ModelMutant(
+        "merge_drops_trained_copy", ("model_merge_equivalence",), "bert", "float32", MergeDropsTrainedCopy
+    ),
+    ModelMutant(
+        "disable_keeps_trained_copy",
+        ("model_unload_restores_base",),
+        "gpt2",
+        "bfloat16",
+        DisableKeepsTrainedCopy,
     ),
 )
 

@@ -27,13 +27,23 @@ from properties.models.oracle import adapter_numel, layer_spec, weighted_cat_spe
 from properties.models.protocol import MODEL_OPTIONS, model_target_for
 from properties.models.spec import ARCHITECTURES, TIED_ARCHITECTURES, ModelExample, ModelSpec
 from properties.models.strategies import ModelDraw, layout, model_examples
-from properties.precision import Expected, forward_expected, weights_expected
+from properties.precision import Expected, forward_expected, roundtrip_expected, weights_expected
 from properties.spec import LayerSpec
+from properties.targets.protocol import Unsupported
 
 
 def _draw(**kw) -> Callable:
     def make(caps, arch, dtype) -> ModelDraw:
-        return ModelDraw(architecture=arch, dtype=dtype, options=caps.options & MODEL_OPTIONS, **kw)
+        rules = {k: getattr(caps, k, None) for k in ("targetable", "closure")}
+        uniform = bool(getattr(caps, "uniform_rank", False))
+        return ModelDraw(
+            architecture=arch,
+            dtype=dtype,
+            options=caps.options & MODEL_OPTIONS,
+            uniform_rank=uniform,
+            **rules,
+            **kw,
+        )
 
     return make
 
@@ -90,23 +100,41 @@ def _active_paths(spec: ModelSpec) -> list[str]:
     return [p for p in spec.targeted if any(p in spec.adapter(n).modules for n in spec.active_adapters)]
 
 
-def _untargeted_identical(ctx: Context, h, spec: ModelSpec, what: str) -> None:
-    """Every parameter of a module no active adapter targets is bit-identical to the base."""
+def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def _untargeted_identical(ctx: Context, h, spec: ModelSpec, what: str, unloaded: bool = False) -> None:
+    """Every parameter of a module no active adapter targets is bit-identical to the base; after
+    merge-and-unload, a module an active adapter saves whole (``modules_to_save``) is bit-identical to
+    that adapter's trained copy instead (the fine-tuned model keeps it)."""
     targeted = set(_active_paths(spec))
     params = h.base_parameters()
     for name, value in params.items():
-        if name.rpartition(".")[0] in targeted:
+        module, _, leaf = name.rpartition(".")
+        if module in targeted:
             continue
-        expected = _base_value(spec, name)
+        trained = spec.saved_module(module) if unloaded else None
+        expected = trained[leaf] if trained is not None else _base_value(spec, name)
+        if trained is not None and not _bit_equal(value, expected):
+            was = (
+                "the original"
+                if _bit_equal(value, _base_value(spec, name))
+                else "neither it nor the original"
+            )
+            raise PropertyFailure(
+                f"{what}: {name} is not the trained copy of modules_to_save {module!r} ({was})"
+            )
         if value.dtype != expected.dtype or not torch.equal(bits(value), bits(expected)):
             twin = spec.twin(name.rpartition(".")[0])
             note = f" (it is tied to {twin}, which an adapter targets)" if twin in targeted else ""
             raise PropertyFailure(f"{what}: untargeted parameter {name} changed{note}")
 
 
-def _judge_merged(ctx: Context, h, spec: ModelSpec, before: dict, what: str) -> None:
-    """Each adapted module, fed its unmerged-forward input, is within the layer bound; merged weights
-    within the merge bound; everything untargeted bit-identical."""
+def _judge_merged(ctx: Context, h, spec: ModelSpec, before: dict, what: str, unloaded: bool) -> None:
+    """Each adapted module, fed its unmerged-forward input, is within the layer bound (a LoRA bias
+    included: the layer half's bound and merged bias ``b + s·b_lora``); merged weights within the merge
+    bound; everything untargeted bit-identical, or the trained copy of a module to save once unloaded."""
     for path in _active_paths(spec):
         if path not in before:
             continue  # a module the forward never reached (BERT's pooler on some outputs): nothing to feed
@@ -127,7 +155,7 @@ def _judge_merged(ctx: Context, h, spec: ModelSpec, before: dict, what: str) -> 
             stored["bias"] = base.bias.detach()
         for key, e in weights.items():
             _check(ctx, ls, stored[key], e, f"{path}: {what} {key}")
-    _untargeted_identical(ctx, h, spec, what)
+    _untargeted_identical(ctx, h, spec, what, unloaded)
 
 
 def _ex(ctx: Context) -> ModelExample:
@@ -152,7 +180,7 @@ def model_merge_equivalence(ctx: Context) -> None:
     h = ctx.build()
     before = h.capture(ex.batch, _active_paths(spec))
     h.merge_and_unload()
-    _judge_merged(ctx, h, spec, before, "merged")
+    _judge_merged(ctx, h, spec, before, "merged", unloaded=True)
 
 
 @model_prop(
@@ -289,15 +317,43 @@ _REFUSALS = (ValueError, RuntimeError, NotImplementedError)
 
 
 @model_prop(
+    "model_merge_unmerge",
+    "Merging in place (adapters kept, e.g. merge_adapter): every adapted module, fed its unmerged input, is "
+    "within the layer bound and every untargeted parameter bit-identical; unmerging restores every merged "
+    "weight within the round-trip bound and leaves the rest bit-identical.",
+    requires={"merge", "unmerge"},
+)
+def model_merge_unmerge(ctx: Context) -> None:
+    ex, spec = _ex(ctx), ctx.spec
+    h = ctx.build()
+    before = h.capture(ex.batch, _active_paths(spec))
+    h.merge()
+    _judge_merged(ctx, h, spec, before, "merged in place", unloaded=False)
+    h.unmerge()
+    for path in _active_paths(spec):
+        ls = layer_spec(spec, path)
+        module = h.module(path)
+        base = getattr(module, "base_layer", module)
+        stored = {"weight": archs.canonical_weight(base)}
+        if getattr(base, "bias", None) is not None:
+            stored["bias"] = base.bias.detach()
+        for key, e in roundtrip_expected(ls, ls.adapter_names, ctx.arith).items():
+            _check(ctx, ls, stored[key], e, f"{path}: {key} after merge and unmerge")
+    _untargeted_identical(ctx, h, spec, "after merge and unmerge")
+
+
+@model_prop(
     "model_tied_weights",
     "A LoRA on one of two tied modules: after merge (and merge_and_unload) the model equals the unmerged "
     "model and the untargeted twin is bit-identical, or the library refuses with a clear error.",
-    requires={"merge"},
+    requires={"merge", "tied_target"},
     layers=TIED_ARCHITECTURES,
     tied_target=True,
 )
 def model_tied_weights(ctx: Context) -> None:
     ex, spec = _ex(ctx), ctx.spec
+    if not any(spec.twin(p) is not None for p in spec.targeted):
+        raise Unsupported(f"{ctx.target.name} cannot put a LoRA on either module of a tied pair")
     for op in ("merge", "merge_and_unload"):
         if op == "merge_and_unload" and "merge_and_unload" not in ctx.target.capabilities().operations:
             continue
@@ -311,14 +367,14 @@ def model_tied_weights(ctx: Context) -> None:
                 raise
             assert_identical(snap, h.snapshot(), f"{op} refused ({e}) but changed the model")
             continue
-        _judge_merged(ctx, h, spec, before, f"tied, after {op}:")
+        _judge_merged(ctx, h, spec, before, f"tied, after {op}:", unloaded=op == "merge_and_unload")
 
 
 @model_prop(
     "model_adapter_isolation",
     "Adding, deleting or switching one adapter leaves every other adapter's outputs bit-identical; "
     "add_weighted_adapter (cat) merges to the weighted sum of deltas within the merge bound.",
-    requires={"set_active", "add_adapter", "delete_adapter"},
+    requires={"set_active", "add_adapter", "delete_adapter", "multi_adapter"},
     cost=2.0,  # three adapters, a dozen forwards and a second model per example
     min_adapters=2,
     extra=True,
@@ -351,7 +407,9 @@ def model_adapter_isolation(ctx: Context) -> None:
     h_names = [n for n in [*names, ex.extra.name] if n != gone]
     for n, out in solo().items():
         _same(out, alone[n], f"adapter {n!r} after delete_adapter({gone!r})")
-    if "weighted_cat" in ctx.target.capabilities().operations and not any(a.use_dora for a in spec.adapters):
+    # A weighted combination of DoRA adapters or of LoRA biases has no agreed meaning: not checked.
+    combinable = not any(a.use_dora or a.lora_bias for a in spec.adapters)
+    if "weighted_cat" in ctx.target.capabilities().operations and combinable:
         weights = [ctx.draw(st.sampled_from((0.5, 1.0, 2.0, -1.0, 0.25)), f"weight {n}") for n in names]
         _weighted(ctx, spec, names, weights)
 
@@ -418,7 +476,7 @@ def model_unloaded_is_plain(ctx: Context) -> None:
     h.merge_and_unload()
     if h.modules() != base.modules():
         raise PropertyFailure(f"after merge_and_unload: {_module_diff(h.modules(), base.modules())}")
-    lora = [n for n in h.parameters() if "lora" in n.lower()]
+    lora = [n for n in h.parameters() if "lora" in n.lower() or "modules_to_save" in n]
     if lora:
         raise PropertyFailure(f"after merge_and_unload, LoRA parameters are left: {lora[:4]}")
     shapes = {k: tuple(v.shape) for k, v in h.base_parameters().items()}

@@ -31,7 +31,7 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
         "rank": max((m.r for m in modules), default=0),
         "dora": any(a.use_dora for a in s.adapters),
         "rslora": any(a.use_rslora for a in s.adapters),
-        "lora_bias": False,
+        "lora_bias": any(a.lora_bias for a in s.adapters),
         "dropout": 0.0,
         "alpha_equals_rank": any(m.alpha == m.r for m in modules),
         "base_bias": any(facts[p]["bias"] for p in targeted),
@@ -61,4 +61,5 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
         "targets": len(targeted),
         "layers": int(layers),
         "masked": bool((ex.attention_mask == 0).any()),
+        "modules_to_save": len(s.saved_paths),
     }

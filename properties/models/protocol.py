@@ -14,8 +14,9 @@ name (:func:`model_target_for`). An operation a library lacks raises
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -43,7 +44,25 @@ MODEL_OPERATIONS = frozenset(
         "save_merged",  # save_merged(dir) / target.load_merged(spec, dir)
     }
 )
-MODEL_OPTIONS = frozenset({"multi_adapter", "rslora", "dora"})
+MODEL_OPTIONS = frozenset({"multi_adapter", "rslora", "dora", "lora_bias", "modules_to_save", "tied_target"})
+"""``lora_bias``: a LoRA bias on modules with a base bias (PEFT ``lora_bias=True``); ``modules_to_save``:
+whole modules trained and saved with the adapter (PEFT ``modules_to_save``); ``tied_target``: a LoRA
+can go on one module of a tied pair (input embedding / ``lm_head``), which ``model_tied_weights`` needs."""
+
+
+@dataclass(frozen=True)
+class ModelCapabilities(Capabilities):
+    """A model target's capabilities, with what it can put a LoRA on when that is not every module.
+
+    ``targetable(architecture, paths)``: the module paths the library can adapt (default: all);
+    ``closure(architecture, chosen)``: the smallest set of paths containing ``chosen`` that one adapter
+    of the library can target (a library configured by module kind and layer adapts whole kinds ×
+    layers); ``uniform_rank``: one ``r`` and ``alpha`` per adapter (no per-module pattern). The model
+    strategies draw only what these allow, so a library's cells test what it can express."""
+
+    targetable: Callable[[str, tuple[str, ...]], tuple[str, ...]] | None = None
+    closure: Callable[[str, list[str]], list[str]] | None = None
+    uniform_rank: bool = False
 
 
 def full_model_capabilities() -> Capabilities:
@@ -142,6 +161,7 @@ BUILTIN_MODEL_TARGETS = {
     "diffusers": "properties.models.targets.diffusers:TARGET",
     "torchtune": "properties.models.targets.torchtune:TARGET",
     "litgpt": "properties.models.targets.litgpt:TARGET",
+    "adapters": "properties.models.targets.adapterhub:TARGET",
 }
 
 

@@ -33,20 +33,37 @@ TIED_ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "gpt2")
 
 @dataclass(frozen=True, eq=False)
 class ModelAdapter:
-    """One named adapter over a model: a LoRA per targeted module path (ranks and alphas per module)."""
+    """One named adapter over a model: a LoRA per targeted module path (ranks and alphas per module).
+
+    ``lora_bias``: every targeted module's LoRA carries a bias (``AdapterSpec.bias``; PEFT's
+    ``lora_bias=True``), added scaled to the base bias. ``modules_to_save``: whole modules the adapter
+    trains and saves (PEFT's ``modules_to_save``), by module path: the trained copy's parameters under
+    the module's own parameter names, in the module's own layout (a GPT-2 ``Conv1D`` weight is ``(in,
+    out)``). While the adapter is active the trained copy replaces the module; disabled or unloaded, the
+    original is back; ``merge_and_unload`` keeps the trained copy. They never overlap a LoRA target."""
 
     name: str
     modules: dict[str, AdapterSpec]  # module path -> factors (canonical layout, rounded to the dtype)
     use_rslora: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def paths(self) -> tuple[str, ...]:
         return tuple(self.modules)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every adapter tensor, keyed ``path/A``, ``path/B``, ``path/magnitude``."""
-        return {f"{p}/{k}": v for p, a in self.modules.items() for k, v in a.tensors().items()}
+        """Every adapter tensor, keyed ``path/A``, ``path/B``, ``path/bias``, ``path/magnitude`` and, for a
+        module to save, ``path/saved.<parameter>``."""
+        out = {f"{p}/{k}": v for p, a in self.modules.items() for k, v in a.tensors().items()}
+        out.update(saved_tensors(self.modules_to_save))
+        return out
+
+
+def saved_tensors(modules_to_save: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Trained copies keyed ``path/saved.<parameter>`` (the key every model handle reports them under)."""
+    return {f"{p}/saved.{k}": v for p, params in modules_to_save.items() for k, v in params.items()}
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,19 @@ class ModelSpec(NamedAdapters):
         """Every module path some adapter targets, in model order of first appearance."""
         return tuple(dict.fromkeys(p for a in self.adapters for p in a.modules))
 
+    def saved_module(self, path: str) -> dict[str, torch.Tensor] | None:
+        """The trained copy in force at ``path``: that of the first active adapter saving the module."""
+        for n in self.active_adapters:
+            copy = self.adapter(n).modules_to_save.get(path)
+            if copy is not None:
+                return copy
+        return None
+
+    @property
+    def saved_paths(self) -> tuple[str, ...]:
+        """Every module path some adapter saves a trained copy of (``modules_to_save``)."""
+        return tuple(dict.fromkeys(p for a in self.adapters for p in a.modules_to_save))
+
     def twin(self, path: str) -> str | None:
         """The module tied to ``path`` (embedding <-> lm_head), if any."""
         for a, b in self.tied:
@@ -94,7 +124,13 @@ class ModelSpec(NamedAdapters):
         if len(self.adapters) > 1:
             opts.add("multi_adapter")
         for a in self.adapters:
-            opts |= {o for o, on in (("rslora", a.use_rslora), ("dora", a.use_dora)) if on}
+            flags = (
+                ("rslora", a.use_rslora),
+                ("dora", a.use_dora),
+                ("lora_bias", a.lora_bias),
+                ("modules_to_save", bool(a.modules_to_save)),
+            )
+            opts |= {o for o, on in flags if on}
         return frozenset(opts)
 
 
@@ -133,7 +169,10 @@ class ModelExample:
         for a in (*s.adapters, *([self.extra] if self.extra else [])):
             mods = ", ".join(f"{p}(r={m.r}, alpha={m.alpha:g})" for p, m in a.modules.items())
             extra = " (added later)" if a is self.extra else ""
-            lines.append(f"adapter {a.name!r}{extra}: rslora={a.use_rslora} dora={a.use_dora} on {mods}")
+            flags = f"rslora={a.use_rslora} dora={a.use_dora}" + (" lora_bias=True" if a.lora_bias else "")
+            lines.append(f"adapter {a.name!r}{extra}: {flags} on {mods}")
+            if a.modules_to_save:
+                lines.append(f"  modules_to_save: {', '.join(a.modules_to_save)}")
         if s.active:
             lines.append(f"active={list(s.active)}")
         if self.hostile:

@@ -3,16 +3,18 @@
 Drawn per example: the architecture's config (1-3 layers, hidden sizes down to the smallest the
 architecture allows, heads and GQA key/value heads, vocabulary, MLP width), which modules are targeted
 (any subset of the linear / Conv1D / embedding / ``lm_head`` modules, tied ones included), per-module
-ranks (up to and past the smallest dimension) and alphas, rsLoRA and DoRA per adapter, 1-2 adapters,
-and the inputs (batch, sequence length, left/right padding with an attention mask). Every tensor is
-then filled from a ``torch.Generator`` seeded by a drawn integer and rounded to the dtype, as in the
-layer half (``properties.strategies``).
+ranks (up to and past the smallest dimension) and alphas, rsLoRA and DoRA per adapter, a LoRA bias
+(on modules with a base bias), ``modules_to_save`` (1-2 untargeted, untied modules with parameters, on
+the first adapter), 1-2 adapters, and the inputs (batch, sequence length, left/right padding with an
+attention mask). Every tensor is then filled from a ``torch.Generator`` seeded by a drawn integer and
+rounded to the dtype, as in the layer half (``properties.strategies``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -44,6 +46,10 @@ class ModelDraw:
     hostile: bool = False
     deep_target: bool = False  # >= 2 layers and a target in the last one (mismatched-key loads)
     device: str = "cpu"
+    # What the target can adapt (``ModelCapabilities``): None = every module, any subset, any rank.
+    targetable: Callable[[str, tuple[str, ...]], tuple[str, ...]] | None = None
+    closure: Callable[[str, list[str]], list[str]] | None = None
+    uniform_rank: bool = False
 
 
 def _config(draw: st.DrawFn, arch: str, min_layers: int) -> dict[str, object]:
@@ -131,6 +137,20 @@ def fan_in(fact: dict) -> int:
     return in_f * math.prod(conv.kernel_size) if conv is not None else in_f
 
 
+@functools.lru_cache(maxsize=256)
+def _saveable(arch: str, frozen_config: tuple) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Modules ``modules_to_save`` may name: every module holding parameters of its own (linear, Conv1D,
+    embedding, norm), with its parameters' shapes, leaving out both modules of a tied pair."""
+    with torch.device("meta"):
+        model = archs.construct(arch, dict(frozen_config), torch.float32)
+    tied = {p for pair in archs.TIES[arch] for p in pair}
+    return {
+        name: {k: tuple(p.shape) for k, p in m.named_parameters(recurse=False)}
+        for name, m in model.named_modules()
+        if name and name not in tied and any(True for _ in m.parameters(recurse=False))
+    }
+
+
 def layout(spec: ModelSpec) -> tuple[dict, tuple[str, ...], dict]:
     return _layout(spec.architecture, tuple(sorted(spec.config.items())))
 
@@ -152,10 +172,15 @@ def _grouped_targets(draw: st.DrawFn, groups: dict[str, list[str]], deep: list[s
     return [p for g in chosen for p in groups[g]]
 
 
+def _closed(d: ModelDraw, arch: str, chosen: list[str]) -> list[str]:
+    """``chosen`` grown to a set one adapter of the target can hold (``ModelCapabilities.closure``)."""
+    return list(chosen) if d.closure is None else list(d.closure(arch, list(chosen)))
+
+
 def _modules_plan(
     draw, targets: list[str], facts: dict, uniform: bool = False
 ) -> dict[str, tuple[int, float]]:
-    if uniform:  # one rank and alpha for every module (torchtune's builders)
+    if uniform:  # one r and alpha for the adapter, up to one past its smallest module's dimension
         r = draw(_ints(1, min(min(facts[p]["out_in"]) for p in targets) + 1), label="r")
         alpha = _alpha(draw, r)
         return {p: (r, alpha) for p in targets}
@@ -173,7 +198,11 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     fam = archs.family(arch)  # None for the transformers architectures
     config = _config(draw, arch, 2 if d.deep_target else 1)
     shapes, paths, facts = _layout(arch, tuple(sorted(config.items())))
+    if d.targetable is not None:
+        paths = tuple(p for p in paths if p in set(d.targetable(arch, paths)))
     ties = archs.TIES[arch]
+    # a tie neither side of which the target can adapt is not drawn as a tied target
+    drawable_ties = tuple(t for t in ties if t[0] in paths or t[1] in paths)
     seed = draw(_ints(0, 2**31 - 1), label="seed")
     log2 = {
         t: draw(_ints(lo, hi), label=f"log2|{t}|") for t, lo, hi in (("W", -1, 1), ("A", -2, 1), ("B", -2, 1))
@@ -186,8 +215,12 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     else:
         pool = list(paths)
         forced: list[str] = []
-        if d.tied_target:
-            a, b = ties[draw(_ints(0, len(ties) - 1))] if len(ties) > 1 else ties[0]
+        if d.tied_target and drawable_ties:
+            a, b = (
+                drawable_ties[draw(_ints(0, len(drawable_ties) - 1))]
+                if len(drawable_ties) > 1
+                else drawable_ties[0]
+            )
             keep, twin = (a, b) if draw(_BOOL, label="tied: embedding side") else (b, a)
             pool = [p for p in paths if p not in (keep, twin)]
             forced = [keep]
@@ -202,17 +235,28 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
         targets = forced + ([p for p in optional if draw(_BOOL, label=f"target {p}")] if optional else [])
         if not targets:
             targets = [optional[draw(_ints(0, len(optional) - 1), label="target")]]
-    targets = [p for p in paths if p in targets]  # model order
+    targets = [p for p in paths if p in _closed(d, arch, targets)]  # model order
 
     multi = "multi_adapter" in d.options
     n = draw(_ints(d.min_adapters, d.max_adapters if multi else 1), label="adapters")
     plans = []
     for i in range(n):
-        mods = targets if i == 0 else _subset(draw, targets, f"adapter {i} targets")
-        plans.append(_adapter_plan(draw, ADAPTER_NAMES[i], mods, facts, d, n))
+        mods = targets if i == 0 else _closed(d, arch, _subset(draw, targets, f"adapter {i} targets"))
+        plans.append(_adapter_plan(draw, ADAPTER_NAMES[i], mods, facts, d, n, forced))
+    saved: list[str] = []
+    if "modules_to_save" in d.options:
+        lora = {p for plan in plans for p in plan["modules"]}
+        pool_saved = [p for p in _saveable(arch, tuple(sorted(config.items()))) if p not in lora]
+        if pool_saved and draw(_BOOL, label="modules_to_save"):
+            saved = [pool_saved[draw(_ints(0, len(pool_saved) - 1), label="module to save")]]
+            second = pool_saved[draw(_ints(0, len(pool_saved) - 1), label="second module to save")]
+            saved += [second] if second not in saved and draw(_BOOL, label="two modules to save") else []
+            plans[0]["saved"] = [p for p in pool_saved if p in saved]  # model order
     extra_plan = None
     if d.extra:
-        extra_plan = _adapter_plan(draw, EXTRA_NAME, _subset(draw, list(paths), "extra targets"), facts, d, 2)
+        extra_pool = [p for p in paths if p not in saved]
+        extra_mods = _closed(d, arch, _subset(draw, extra_pool, "extra targets"))
+        extra_plan = _adapter_plan(draw, EXTRA_NAME, extra_mods, facts, d, 2)
 
     if fam is None:
         batch, seq = draw(_ints(1, 3), label="batch"), draw(_ints(1, 5), label="seq")
@@ -257,15 +301,25 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     return replace(ex, spec=plant(spec, h), hostile=h, clean=spec)
 
 
-def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int) -> dict:
-    return dict(
-        name=name,
-        modules=_modules_plan(
-            draw, mods, facts, getattr(archs.family(d.architecture), "UNIFORM_RANK", False)
-        ),
-        rslora="rslora" in d.options and draw(_BOOL, label="rslora"),
-        dora="dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora"),
+def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int, forced=()) -> dict:
+    uniform = d.uniform_rank or getattr(archs.family(d.architecture), "UNIFORM_RANK", False)
+    modules = _modules_plan(draw, mods, facts, uniform)
+    rslora = "rslora" in d.options and draw(_BOOL, label="rslora")
+    dora = "dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora")
+    # A LoRA bias needs a base bias to merge into (PEFT refuses it on embeddings and cannot merge it
+    # without one), so an adapter with one keeps only its modules that have a base bias: never fewer
+    # than the modules a property forces (a tied or a deep target).
+    with_bias = [p for p in modules if facts[p]["bias"] and facts[p]["kind"] == "linear"]
+    lora_bias = (
+        "lora_bias" in d.options
+        and not dora
+        and bool(with_bias)
+        and all(p in with_bias for p in forced if p in modules)
+        and draw(_BOOL, label="lora_bias")
     )
+    if lora_bias:
+        modules = {p: v for p, v in modules.items() if p in with_bias}
+    return dict(name=name, modules=modules, rslora=rslora, dora=dora, lora_bias=lora_bias, saved=[])
 
 
 def _rounded(gen, shape, scale, d) -> torch.Tensor:
@@ -327,6 +381,7 @@ def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> 
             norms = w.norm(dim=0) if f["kind"] == "embedding" else w.flatten(1).norm(dim=1)
             rand = torch.rand(norms.shape, generator=gen, dtype=torch.float64)
             mag = ((rand + 0.5) * norms + 2.0**-8).to(d.device, d.dtype)
+        bias = _rounded(gen, (b_shape[0],), 2.0 ** log2["B"] / 4, d) if plan.get("lora_bias") else None
         modules[path] = AdapterSpec(
             name=plan["name"],
             r=r,
@@ -335,9 +390,28 @@ def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> 
             B=B,
             use_rslora=plan["rslora"],
             use_dora=plan["dora"],
+            bias=bias,
             magnitude=mag,
         )
-    return ModelAdapter(plan["name"], modules, use_rslora=plan["rslora"], use_dora=plan["dora"])
+    saved = {path: _trained_copy(gen, spec, path, d) for path in plan.get("saved", ())}
+    return ModelAdapter(
+        plan["name"],
+        modules,
+        use_rslora=plan["rslora"],
+        use_dora=plan["dora"],
+        lora_bias=bool(plan.get("lora_bias")),
+        modules_to_save=saved,
+    )
+
+
+def _trained_copy(gen, spec: ModelSpec, path: str, d: ModelDraw) -> dict[str, torch.Tensor]:
+    """A module to save after "training": each parameter moved by about a quarter of its mean size."""
+    out = {}
+    for key in _saveable(spec.architecture, tuple(sorted(spec.config.items())))[path]:
+        b = spec.base[f"{path}.{key}"].to("cpu", torch.float64)
+        noise = torch.randn(b.shape, generator=gen, dtype=torch.float64)
+        out[key] = (b + noise * (b.abs().mean() + 2.0**-4) / 4).to(d.device, d.dtype)
+    return out
 
 
 def plant(spec: ModelSpec, h: Hostile) -> ModelSpec:

@@ -17,6 +17,7 @@ BUILTIN = {
     "litgpt": "properties.targets.litgpt_target:TARGET",
     "diffusers": "properties.targets.diffusers_target:TARGET",
     "lycoris": "properties.targets.lycoris_target:TARGET",
+    "adapters": "properties.models.targets.adapterhub:TARGET",  # adapter-hub `adapters`: model level
 }
 
 

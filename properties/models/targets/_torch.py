@@ -17,7 +17,9 @@ class TorchModelHandle:
     """A model handle whose model is a torch module; ``prefix`` is where the transformers model sits."""
 
     prefix = ""  # module path of the transformers model inside ``self.root`` (PEFT: base_model.model)
-    wrapper_segments: tuple[str, ...] = ("base_layer",)  # path segments a LoRA wrapper inserts
+    # path segments a LoRA wrapper (``base_layer``) or a modules_to_save wrapper (``original_module``,
+    # PEFT's and lora_core's name alike) inserts before a base parameter
+    wrapper_segments: tuple[str, ...] = ("base_layer", "original_module")
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
@@ -63,8 +65,9 @@ class TorchModelHandle:
         return {n: p.detach() for n, p in self.root.named_parameters()}
 
     def _base_name(self, name: str) -> str | None:
-        """The transformers name of a base parameter, or None for an adapter's."""
-        if "lora_" in name:
+        """The transformers name of a base parameter, or None for an adapter's (its LoRA factors and its
+        trained copies of ``modules_to_save``)."""
+        if "lora_" in name or ".modules_to_save." in f".{name}":
             return None
         if self.prefix and name.startswith(self.prefix + "."):
             name = name[len(self.prefix) + 1 :]

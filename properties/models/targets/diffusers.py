@@ -157,6 +157,8 @@ class DiffusersModelTarget:
             if a != ARCHITECTURE
         }
         notes["weighted_cat"] = f"{v}: no add_weighted_adapter (set_adapters weights mix at run time only)"
+        for option in ("lora_bias", "modules_to_save"):
+            notes[option] = f"{v}: not passed through this target's LoRA config yet"
         why = archs.unavailable_notes().get(ARCHITECTURE)
         if why:
             notes[ARCHITECTURE] = why
@@ -164,7 +166,7 @@ class DiffusersModelTarget:
             layers=frozenset(() if why else {ARCHITECTURE}),
             dtypes=frozenset(DTYPES.values()),
             operations=MODEL_OPERATIONS - {"weighted_cat"},
-            options=MODEL_OPTIONS,
+            options=MODEL_OPTIONS - {"lora_bias", "modules_to_save"},
             notes=notes,
         )
 

@@ -42,6 +42,11 @@ def _config(adapter: ModelAdapter) -> Any:
     for field, on in options.items():
         if on and field not in fields:
             raise Unsupported(f"peft {_peft().__version__}: LoraConfig has no {field}")
+    extra: dict[str, Any] = {}
+    if adapter.lora_bias:  # only drawn when the release has it (PEFT >= 0.14)
+        extra["lora_bias"] = True
+    if adapter.modules_to_save:
+        extra["modules_to_save"] = list(adapter.modules_to_save)
     return _peft().LoraConfig(
         target_modules=list(adapter.modules),
         r=first.r,
@@ -50,6 +55,7 @@ def _config(adapter: ModelAdapter) -> Any:
         alpha_pattern={p: a.alpha for p, a in adapter.modules.items()},
         init_lora_weights=False,
         **{field: True for field, on in options.items() if on},
+        **extra,
     )
 
 
@@ -94,8 +100,24 @@ class PeftModelHandle(TorchModelHandle):
             else:
                 _set(layer.lora_A[adapter.name], a.A)
                 _set(layer.lora_B[adapter.name], a.B)
+            if a.bias is not None:
+                _set(layer.lora_B[adapter.name].bias, a.bias)
             if a.magnitude is not None:
                 _set(layer.lora_magnitude_vector[adapter.name], a.magnitude)
+        saved = self._saved()
+        for path, params in adapter.modules_to_save.items():
+            copy = dict(saved[path].modules_to_save[adapter.name].named_parameters())
+            for key, value in params.items():
+                _set(copy[key], value)
+
+    def _saved(self) -> dict[str, nn.Module]:
+        """PEFT's ``ModulesToSaveWrapper`` modules, by model path."""
+        start = len(self.prefix) + 1 if self.prefix else 0
+        return {
+            n[start:]: m
+            for n, m in self.root.named_modules()
+            if type(m).__name__ == "ModulesToSaveWrapper" and hasattr(m, "modules_to_save")
+        }
 
     # -- ModelHandle -------------------------------------------------------------------------------
 
@@ -112,6 +134,13 @@ class PeftModelHandle(TorchModelHandle):
                 if name in store:
                     v = store[name]
                     out[f"{path}/{key}"] = (v if isinstance(v, torch.Tensor) else v.weight).detach()
+            bias = getattr(layer.lora_B[name], "bias", None) if not emb and name in layer.lora_B else None
+            if bias is not None:
+                out[f"{path}/bias"] = bias.detach()
+        for path, wrapper in self._saved().items():
+            if name in wrapper.modules_to_save:
+                for key, p in wrapper.modules_to_save[name].named_parameters():
+                    out[f"{path}/saved.{key}"] = p.detach()
         return out
 
     def snapshot(self) -> dict[str, object]:
@@ -204,7 +233,7 @@ class PeftModelTarget:
         fields = inspect.signature(_peft().LoraConfig).parameters
         notes = dict(full.notes)
         options = set(full.options)
-        for option, field in (("rslora", "use_rslora"), ("dora", "use_dora")):
+        for option, field in (("rslora", "use_rslora"), ("dora", "use_dora"), ("lora_bias", "lora_bias")):
             if field not in fields:
                 options.discard(option)
                 notes[option] = f"peft {self.version()}: LoraConfig has no {field}"

@@ -3,7 +3,8 @@
 ``lora_core.wrap`` replaces each targeted module; ``lora_core.model`` merges the whole tree (atomic
 safe merge, tied weights untied before they are written). When a merge unties a weight, the config's
 ``tie_word_embeddings`` is cleared too, so a saved merged model is not re-tied on load. Adapters are
-saved as ``adapter_config.json`` plus ``adapter.safetensors`` holding only that adapter's factors;
+saved as ``adapter_config.json`` plus ``adapter.safetensors`` holding only that adapter's factors
+(LoRA biases included) and its trained copies of ``modules_to_save`` (``lora_core.ModulesToSave``);
 loading refuses keys that do not fit the model and an adapter name that is already loaded.
 """
 
@@ -47,8 +48,24 @@ class ReferenceModelHandle(TorchModelHandle):
         setattr(self.root.get_submodule(parent) if parent else self.root, child, layer)
         return layer
 
+    def _saved(self) -> dict[str, lora_core.ModulesToSave]:
+        return lora_core.model.saved_modules(self.root)
+
+    def _saving(self, path: str) -> lora_core.ModulesToSave:
+        m = self.root.get_submodule(path)
+        if isinstance(m, lora_core.ModulesToSave):
+            return m
+        wrapper = lora_core.ModulesToSave(m)
+        parent, _, child = path.rpartition(".")
+        setattr(self.root.get_submodule(parent) if parent else self.root, child, wrapper)
+        return wrapper
+
+    def _names(self) -> set[str]:
+        names = {n for layer in self._layers().values() for n in layer.r}
+        return names | {n for m in self._saved().values() for n in m.modules_to_save}
+
     def add_adapter(self, adapter: ModelAdapter) -> None:
-        if any(adapter.name in layer.r for layer in self._layers().values()):
+        if adapter.name in self._names():
             raise ValueError(f"adapter {adapter.name!r} already exists")
         for path, a in adapter.modules.items():
             layer = self._wrapped(path)
@@ -57,21 +74,28 @@ class ReferenceModelHandle(TorchModelHandle):
                 lora_alpha=a.alpha,
                 use_rslora=a.use_rslora,
                 use_dora=a.use_dora,
+                lora_bias=a.bias is not None,
                 init_lora_weights=False,
             )
             layer.add_adapter(adapter.name, cfg)
             layer.load_factors(adapter.name, **a.tensors())
+        for path, params in adapter.modules_to_save.items():
+            self._saving(path).add_adapter(adapter.name, params)
         self.set_active(self.active)  # adding does not activate (as in PEFT)
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active = list(names)
         for layer in self._layers().values():
             layer.set_adapter([n for n in names if n in layer.r])
+        for saved in self._saved().values():
+            saved.set_adapter(names)
 
     def delete_adapter(self, name: str) -> None:
         for layer in self._layers().values():
             if name in layer.r:
                 layer.delete_adapter(name)
+        for saved in self._saved().values():
+            saved.delete_adapter(name)
         self.active = [n for n in self.active if n != name]
 
     def add_weighted_adapter(self, names: Sequence[str], weights: Sequence[float], new_name: str) -> None:
@@ -97,10 +121,14 @@ class ReferenceModelHandle(TorchModelHandle):
         for path, layer in self._layers().items():
             if name not in layer.r:
                 continue
-            for key in ("A", "B", "magnitude"):
+            for key in ("A", "B", "bias", "magnitude"):
                 store = getattr(layer, f"lora_{key}")
                 if name in store:
                     out[f"{path}/{key}"] = store[name].detach()
+        for path, saved in self._saved().items():
+            if name in saved.modules_to_save:
+                for key, p in saved.modules_to_save[name].named_parameters():
+                    out[f"{path}/saved.{key}"] = p.detach()
         return out
 
     # -- merging ---------------------------------------------------------------------------------
@@ -125,7 +153,7 @@ class ReferenceModelHandle(TorchModelHandle):
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        layers = self._layers().values()
+        layers = [*self._layers().values(), *self._saved().values()]
         for layer in layers:
             layer.enable_adapters(False)
         try:
@@ -142,6 +170,8 @@ class ReferenceModelHandle(TorchModelHandle):
             snap[f"{path}:active"] = list(layer.active_adapters)
             for k, v in layer._caches.items():
                 snap[f"{path}:cache:{k}"] = v.clone()
+        for path, saved in self._saved().items():
+            snap[f"{path}:saved active"] = saved.active_adapter
         return snap
 
     # -- saving ----------------------------------------------------------------------------------
@@ -157,6 +187,8 @@ class ReferenceModelHandle(TorchModelHandle):
             },
             "use_rslora": any(lay.use_rslora[name] for lay in layers.values()),
             "use_dora": any(lay.use_dora[name] for lay in layers.values()),
+            "lora_bias": any(name in lay.lora_bias for lay in layers.values()),
+            "modules_to_save": [p for p, m in self._saved().items() if name in m.modules_to_save],
         }
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
@@ -171,12 +203,16 @@ class ReferenceModelHandle(TorchModelHandle):
     def load_adapter(self, directory: Path, name: str) -> list[str]:
         config = json.loads((directory / CONFIG_FILE).read_text())
         tensors = self.saved_tensors(directory)
-        if any(name in layer.r for layer in self._layers().values()):
+        if name in self._names():
             raise ValueError(f"adapter {name!r} is already loaded")
         paths = dict(self.root.named_modules())
+        saved_paths = config.get("modules_to_save", [])
         bad = [p for p in config["modules"] if p not in paths or archs.layer_kind(_base(paths[p])) is None]
+        bad += [p for p in saved_paths if p not in paths]
         expected = {f"{p}/{k}" for p in config["modules"] for k in ("A", "B")}
-        stray = sorted(set(tensors) - expected - {f"{p}/magnitude" for p in config["modules"]})
+        optional = {f"{p}/{k}" for p in config["modules"] for k in ("bias", "magnitude")}
+        saved_keys = {k for k in tensors if k.partition("/")[0] in saved_paths and "/saved." in k}
+        stray = sorted(set(tensors) - expected - optional - saved_keys)
         if bad or stray or not expected <= set(tensors):
             raise ValueError(
                 f"adapter keys do not fit this model: modules {bad} not found, unexpected tensors {stray}, "
@@ -184,16 +220,29 @@ class ReferenceModelHandle(TorchModelHandle):
             )
         modules = {}
         for path, m in config["modules"].items():
-            t = {k: tensors.get(f"{path}/{k}") for k in ("A", "B", "magnitude")}
+            t = {k: tensors.get(f"{path}/{k}") for k in ("A", "B", "bias", "magnitude")}
             modules[path] = lora_core_adapter(
-                name, m["r"], t["A"], t["B"], m["lora_alpha"], config["use_rslora"], t["magnitude"]
+                name, m["r"], t["A"], t["B"], m["lora_alpha"], config["use_rslora"], t["magnitude"], t["bias"]
             )
-        self.add_adapter(ModelAdapter(name, modules, config["use_rslora"], config["use_dora"]))
+        saved = {
+            p: {k.partition("/saved.")[2]: v for k, v in tensors.items() if k.startswith(f"{p}/saved.")}
+            for p in saved_paths
+        }
+        self.add_adapter(
+            ModelAdapter(
+                name,
+                modules,
+                config["use_rslora"],
+                config["use_dora"],
+                lora_bias=config.get("lora_bias", False),
+                modules_to_save=saved,
+            )
+        )
         self.set_active([*self.active, name])
         return []
 
     def save_merged(self, directory: Path) -> None:
-        if self._layers():
+        if self._layers() or self._saved():
             raise ValueError("the model still holds LoRA layers: merge_and_unload first")
         archs.save_pretrained(self.spec, self.root, str(directory))
 
@@ -202,7 +251,7 @@ def _base(m: nn.Module) -> nn.Module:
     return m.base_layer if isinstance(m, lora_core.LoraLayer) else m
 
 
-def lora_core_adapter(name, r, A, B, alpha=None, rslora=False, magnitude=None):
+def lora_core_adapter(name, r, A, B, alpha=None, rslora=False, magnitude=None, bias=None):
     """An :class:`~properties.spec.AdapterSpec` for the factors (alpha = r: scaling 1 by default)."""
     from properties.spec import AdapterSpec
 
@@ -214,6 +263,7 @@ def lora_core_adapter(name, r, A, B, alpha=None, rslora=False, magnitude=None):
         B=B,
         use_rslora=rslora,
         use_dora=magnitude is not None,
+        bias=bias,
         magnitude=magnitude,
     )
 
