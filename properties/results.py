@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 Status = Literal["passed", "failed", "error", "skipped", "xfailed"]
@@ -76,7 +76,14 @@ class CellResult:
             self.max_err_u, self.median_err_u, self.p99_err_u = _stats(errs)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data, as ``dataclasses.asdict`` gives it, without its generic deep copy (which cost
+        more than the rest of a report's encoding: a ci report holds thousands of samples)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["samples"] = [dict(vars(s)) for s in self.samples]
+        d["known_bug_examples"] = dict(self.known_bug_examples)
+        d["out_of_range_examples"] = dict(self.out_of_range_examples)
+        d["bias"] = {q: dict(v) for q, v in self.bias.items()}
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CellResult:

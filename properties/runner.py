@@ -83,6 +83,11 @@ class CellTimeout(BaseException):
     """Raised by the alarm: a BaseException so Hypothesis does not treat it as a failing example."""
 
 
+class KnownOnly(BaseException):
+    """Raised when a cell's first ``Profile.known_only_limit`` examples all matched known bugs (a
+    BaseException, so Hypothesis does not treat it as a failing example)."""
+
+
 class TargetCrash(Exception):
     """The target raised something other than a property failure or :class:`Unsupported`."""
 
@@ -283,6 +288,9 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
             for rule, applies in known:
                 if applies(facts):
                     state.known[str(rule)] += 1
+                    limit = opts.profile.known_only_limit
+                    if limit and not state.examples and sum(state.known.values()) >= limit:
+                        raise KnownOnly()
                     reject()  # a known bug: set aside, so the rest of the cell is still tested
         state.examples += 1
         ctx = Context(traced, ex, arith, data=data, hostile=hostile, clean_spec=clean_spec)
@@ -350,6 +358,13 @@ def run_cell(target: Target, prop: Property, cell: Cell, opts: RunOptions) -> Ce
         result.message = hang_message(e.activity, opts.profile.example_timeout_s, e.frame)
         result.example = e.activity.description
         result.replay = replay_command(opts, cell)
+    except KnownOnly:
+        result.status = "xfailed"
+        result.message = (
+            "every example drawn matched a known bug: "
+            + _known_summary(state.known, opts)
+            + f" (the {opts.profile.name} profile stops after {opts.profile.known_only_limit} such examples)"
+        )
     except Unsatisfiable:
         if state.known and not state.examples:
             result.status = "xfailed"

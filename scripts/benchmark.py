@@ -1,7 +1,15 @@
 """Where the suite's time goes: total time of a profile, examples/s per property, and the share of time
 spent inside the target (its own arithmetic) versus the suite (generation, oracle, bounds, bookkeeping).
 
-    python scripts/benchmark.py --target reference --profile ci [--jobs 2] [--json out.json]
+    python scripts/benchmark.py --target reference --profile ci [--half layer] [--jobs 2] \
+        [--mutants layer,peft,model,quantized] [--json docs/benchmark-ci.json --label after]
+
+Per target and per half (``layer``: the six layer kinds; ``model``: the ``model_*`` properties;
+``quantized``: the quantized kinds in fp32/bf16/fp16), it records the in-process breakdown and, with
+``--jobs``, the real CLI run (``--report`` into a temporary directory, as CI runs it): wall seconds and
+CPU seconds of the whole process tree (the CLI and its workers). On a shared, loaded machine wall time
+says little; CPU seconds are the comparable figure. ``--mutants`` records, per mutant of the project's
+mutation self-checks, the time and examples to the first failing example and to the shrunk verdict.
 
 The target is wrapped in a timing proxy, so every call a property makes into the implementation
 (build, forward, merge, ...) is counted as the target's; everything else is the suite's overhead,
@@ -21,12 +29,24 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from properties.catalogue import all_properties
+from properties.catalogue import Property, all_properties
 from properties.profiles import PROFILES
-from properties.runner import RunOptions, run_cell
+from properties.runner import Cell, RunOptions, run_cell
 from properties.session import apply_xfail, plan_cells, with_xfails
+from properties.spec import LAYER_KINDS, QUANT_KINDS
 from properties.targets.registry import load_target
 from properties.xfails import bundled_rules
+
+HALVES: dict[str, dict[str, list[str] | None]] = {
+    "layer": {"properties": None, "layers": list(LAYER_KINDS), "dtypes": None},
+    "model": {"properties": ["model_*"], "layers": None, "dtypes": None},
+    "quantized": {
+        "properties": None,
+        "layers": list(QUANT_KINDS),
+        "dtypes": ["float32", "bfloat16", "float16"],
+    },
+    "all": {"properties": None, "layers": None, "dtypes": None},  # the default plan: layer + model cells
+}
 
 
 class _Clock:
@@ -172,8 +192,14 @@ def _timed_suite_parts(oracle: _Clock, generation: _Clock):
 
 
 def benchmark(
-    target_name: str, profile: str, max_examples: int | None, properties: list[str] | None = None
+    target_name: str,
+    profile: str,
+    max_examples: int | None,
+    properties: list[str] | None = None,
+    layers: list[str] | None = None,
+    dtypes: list[str] | None = None,
 ) -> dict[str, Any]:
+    """One process, no workers: where the time goes (target calls, generation, oracle, the rest)."""
     clock, oracle_clock, generation_clock = _Clock(), _Clock(), _Clock()
     target = TimedTarget(load_target(target_name), clock)
     opts = RunOptions(target=target_name, profile=PROFILES[profile], seed=0, max_examples=max_examples)
@@ -186,9 +212,9 @@ def benchmark(
         lambda: {"seconds": 0.0, "examples": 0, "target": 0.0}
     )
     statuses: dict[str, int] = defaultdict(int)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with _timed_suite_parts(oracle_clock, generation_clock):
-        for cell in plan_cells(properties):
+        for cell in plan_cells(properties, layers, dtypes):
             before = clock.seconds
             r = run_cell(target, catalogue[cell.property], cell, opts)
             statuses[apply_xfail(r, rules, set()).status] += 1
@@ -205,8 +231,9 @@ def benchmark(
         "cells": sum(statuses.values()),
         "statuses": dict(statuses),
         "total_s": total,
+        "cpu_s": time.process_time() - cpu_started,
         "target_s": clock.seconds,
-        "overhead_share": 1 - clock.seconds / total,
+        "overhead_share": 1 - clock.seconds / total if total else 0.0,
         "overhead_s": {
             "generation": generation_clock.seconds,
             "oracle_and_bounds": oracle_clock.seconds,
@@ -219,34 +246,170 @@ def benchmark(
     }
 
 
-def parallel_wall_time(
-    target_name: str, profile: str, jobs: int, properties: list[str] | None = None
-) -> tuple[float, int, str]:
-    """Wall time, exit status and closing line of the real CLI with ``--jobs`` (what a CI job pays,
-    bundled expected failures included)."""
-    import subprocess
+def cli_run(
+    target_name: str,
+    profile: str,
+    jobs: int,
+    properties: list[str] | None = None,
+    layers: list[str] | None = None,
+    dtypes: list[str] | None = None,
+) -> dict[str, Any]:
+    """The real CLI with ``--jobs`` and ``--report`` (what a CI job pays, bundled expected failures and
+    the three reports included): wall seconds, CPU seconds of the process tree, exit status, last line.
 
-    start = time.perf_counter()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "properties",
-            "run",
-            "--target",
-            target_name,
-            "--profile",
-            profile,
-            "--jobs",
-            str(jobs),
-            *(["--properties", ",".join(properties)] if properties else []),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    closing = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr.strip()[-200:]
-    return time.perf_counter() - start, out.returncode, closing
+    CPU seconds are those of the CLI process and every worker it started and reaped (``RUSAGE_CHILDREN``
+    of this process around the call): on a machine shared with other jobs they stay comparable between
+    runs, where wall seconds do not."""
+    import resource
+    import subprocess
+    import tempfile
+
+    def children_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    args = [sys.executable, "-m", "properties", "run", "--target", target_name, "--profile", profile]
+    args += ["--jobs", str(jobs)]
+    for flag, values in (("--properties", properties), ("--layers", layers), ("--dtypes", dtypes)):
+        if values:
+            args += [flag, ",".join(values)]
+    with tempfile.TemporaryDirectory() as reports:
+        cpu0, start = children_cpu(), time.perf_counter()
+        out = subprocess.run([*args, "--report", reports], check=False, capture_output=True, text=True)
+        wall, cpu = time.perf_counter() - start, children_cpu() - cpu0
+    lines = [ln for ln in out.stdout.strip().splitlines() if not ln.startswith("reports:")]
+    closing = next((ln for ln in reversed(lines) if " passed, " in ln), lines[-1] if lines else "")
+    return {
+        "jobs": jobs,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "exit_status": out.returncode,
+        "closing_line": closing or out.stderr.strip()[-200:],
+    }
+
+
+def _mutant_cells(groups: list[str]) -> list[tuple[str, str, Any, Cell, int | None]]:
+    """(group, name, target, cell, max_examples) for every mutant of the project's self-checks, run
+    exactly as their tests run them (``tests/test_*mutants.py``, ``tests/test_quantized.py``)."""
+    import importlib.util
+    import os
+
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    out: list[tuple[str, str, Any, Cell, int | None]] = []
+    if "layer" in groups:
+        from mutants import MUTANTS
+
+        out += [("layer", m.name, m.target(), m.cell, m.max_examples) for m in MUTANTS.values()]
+    if "peft" in groups and importlib.util.find_spec("peft"):
+        from peft_mutants import MUTANTS as PEFT_MUTANTS
+        from peft_mutants import PeftMutantTarget
+
+        out += [("peft", m.name, PeftMutantTarget(m), m.cell, m.max_examples) for m in PEFT_MUTANTS.values()]
+    if "model" in groups and importlib.util.find_spec("transformers"):
+        from model_mutants import MODEL_MUTANTS
+
+        out += [("model", m.name, m.target(), m.cell, None) for m in MODEL_MUTANTS]
+    if "quantized" in groups and importlib.util.find_spec("bitsandbytes"):
+        from quant_mutants import QUANT_MUTANTS
+
+        out += [
+            ("quantized", m.name, m.target(), Cell(m.property, m.layer, m.dtype), m.max_examples or 12)
+            for m in QUANT_MUTANTS.values()
+        ]
+    return out
+
+
+def _first_failure_clock(prop: Property, seen: dict[str, Any]) -> Property:
+    """``prop`` whose check notes the example count and time of the first example that fails (a
+    property failure or a crash; rejections — unsupported, outside the claim — are not failures)."""
+    from dataclasses import replace
+
+    from hypothesis.errors import UnsatisfiedAssumption
+
+    from properties.catalogue import OutOfRange
+    from properties.targets.protocol import Unsupported
+
+    def check(ctx: Any) -> None:
+        seen["examples"] += 1
+        try:
+            prop.check(ctx)
+        except (Unsupported, OutOfRange, UnsatisfiedAssumption):
+            seen["examples"] -= 1
+            raise
+        except Exception:
+            if seen["first_s"] is None:
+                seen["first_s"] = time.perf_counter() - seen["start"]
+                seen["first_examples"] = seen["examples"]
+            raise
+
+    return replace(prop, check=check)
+
+
+def mutant_catch_times(groups: list[str]) -> list[dict[str, Any]]:
+    """Per mutant: status (``failed`` = caught), examples and seconds to the first failing example, and
+    to the end of the cell (shrinking included). A failure found only by the cell's pooled bias test
+    has no failing example: its first failure is the end of the generate phase."""
+    catalogue = all_properties()
+    rows = []
+    for group, name, target, cell, max_examples in _mutant_cells(groups):
+        opts = RunOptions(target=target.name, profile=PROFILES["ci"], seed=0, max_examples=max_examples)
+        seen: dict[str, Any] = {"examples": 0, "first_s": None, "first_examples": None}
+        seen["start"] = time.perf_counter()
+        result = run_cell(target, _first_failure_clock(catalogue[cell.property], seen), cell, opts)
+        rows.append(
+            {
+                "group": group,
+                "mutant": name,
+                "cell": str(cell),
+                "status": result.status,
+                "examples_to_first_failure": seen["first_examples"],
+                "seconds_to_first_failure": seen["first_s"],
+                "examples_total": seen["examples"],
+                "seconds_total": result.duration_s,
+            }
+        )
+        first = (
+            "-" if seen["first_s"] is None else f"{seen['first_s']:.2f}s after {seen['first_examples']} ex"
+        )
+        print(f"{group:10} {name:34} {result.status:8} first failure {first}; cell {result.duration_s:.2f}s")
+    return rows
+
+
+def _store(path: str, label: str, entry: dict[str, Any]) -> None:
+    """Keep every labelled measurement in one file (``before``/``after``, dates): older labels stay."""
+    import os
+
+    data: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        data = old if isinstance(old, dict) else {"2026-11-28 (idle, one process + CLI --jobs 2)": old}
+    previous = data.get(label, {})
+    data[label] = {**previous, **entry, "runs": [*previous.get("runs", []), *entry.get("runs", [])]}
+    if "mutants" in previous and "mutants" not in entry:
+        data[label]["mutants"] = previous["mutants"]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+    import subprocess
+    from datetime import datetime, timezone
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit.strip(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,47 +418,63 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="ci", choices=sorted(PROFILES))
     ap.add_argument("--max-examples", type=int)
     ap.add_argument("--jobs", type=int, default=0, help="also time the CLI with this many jobs")
-    ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--json", help="write the numbers here (under --label; other labels are kept)")
+    ap.add_argument(
+        "--label", default="latest", help="key of this measurement in --json (e.g. before, after)"
+    )
+    ap.add_argument("--half", action="append", choices=sorted(HALVES), help="repeatable; default: all")
+    ap.add_argument("--cli-only", action="store_true", help="skip the in-process breakdown")
+    ap.add_argument(
+        "--mutants",
+        type=lambda t: [g for g in t.split(",") if g],
+        default=[],
+        help="layer,peft,model,quantized",
+    )
     ap.add_argument(
         "--properties", type=lambda t: [p for p in t.split(",") if p], help="ids or globs ('model_*')"
     )
     args = ap.parse_args(argv)
-    results = []
+    runs = []
     for name in args.target or ["reference"]:
-        res = benchmark(name, args.profile, args.max_examples, args.properties)
-        if args.jobs:
-            wall, status, closing = parallel_wall_time(name, args.profile, args.jobs, args.properties)
-            res[f"cli_wall_s_jobs{args.jobs}"], res["cli_exit_status"], res["cli_closing_line"] = (
-                wall,
-                status,
-                closing,
-            )
-        results.append(res)
-        print(
-            f"\n{name} {res['target_version']} profile={args.profile}: "
-            f"{res['cells']} cells {res['statuses']}, "
-            f"{res['total_s']:.1f}s on one process; target arithmetic {res['target_s']:.1f}s, "
-            f"suite overhead {100 * res['overhead_share']:.0f}%"
-            + (
-                f"; CLI with --jobs {args.jobs}: {res[f'cli_wall_s_jobs{args.jobs}']:.1f}s"
-                if args.jobs
-                else ""
-            )
-        )
-        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in res["overhead_s"].items())
-        print(f"suite overhead by part: {parts}")
-        if args.jobs:
-            print(f"CLI exit status {res['cli_exit_status']}: {res['cli_closing_line']}")
-        print(f"{'property':<24}{'examples':>9}{'seconds':>9}{'ex/s':>8}{'target%':>9}")
-        for prop, v in res["per_property"].items():
-            share = 100 * v["target"] / v["seconds"] if v["seconds"] else 0
-            print(
-                f"{prop:<24}{v['examples']:>9.0f}{v['seconds']:>9.2f}{v['examples_per_s']:>8.0f}{share:>8.0f}%"
-            )
+        for half in args.half or ["all"]:
+            scope = dict(HALVES[half])
+            if args.properties:
+                scope["properties"] = args.properties
+            res: dict[str, Any] = {"target": name, "half": half, "profile": args.profile}
+            if not args.cli_only:
+                res.update(benchmark(name, args.profile, args.max_examples, **scope))
+            if args.jobs:
+                res["cli"] = cli_run(name, args.profile, args.jobs, **scope)
+            runs.append(res)
+            _print_run(res)
+    entry: dict[str, Any] = {"machine": _machine(), "runs": runs}
+    if args.mutants:
+        entry["mutants"] = mutant_catch_times(args.mutants)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        _store(args.json, args.label, entry)
     return 0
+
+
+def _print_run(res: dict[str, Any]) -> None:
+    head = f"\n{res['target']} half={res['half']} profile={res['profile']}"
+    if "cli" in res:
+        c = res["cli"]
+        print(
+            f"{head}: CLI --jobs {c['jobs']}: {c['wall_s']:.1f}s wall, {c['cpu_s']:.1f} CPU-s "
+            f"(process tree), exit {c['exit_status']}: {c['closing_line']}"
+        )
+    if "total_s" not in res:
+        return
+    print(
+        f"{head}: {res['cells']} cells {res['statuses']}, {res['total_s']:.1f}s on one process "
+        f"({res['cpu_s']:.1f} CPU-s); target {res['target_s']:.1f}s, suite {100 * res['overhead_share']:.0f}%"
+    )
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in res["overhead_s"].items())
+    print(f"suite overhead by part: {parts}")
+    print(f"{'property':<26}{'examples':>9}{'seconds':>9}{'ex/s':>8}{'target%':>9}")
+    for prop, v in res["per_property"].items():
+        share = 100 * v["target"] / v["seconds"] if v["seconds"] else 0
+        print(f"{prop:<26}{v['examples']:>9.0f}{v['seconds']:>9.2f}{v['examples_per_s']:>8.0f}{share:>8.0f}%")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,20 @@ def test_a_cell_whose_every_example_is_a_known_bug_is_xfailed():
     assert used == {":1"}  # line 1 of an unnamed file
 
 
+def test_ci_stops_drawing_once_the_first_examples_are_all_known_bugs():
+    """ci ends such a cell after ``known_only_limit`` examples instead of Hypothesis's 458; dev (and the
+    nightly thorough profile) keep Hypothesis's own rule."""
+    line = "merge_equivalence linear * when kind == 'linear'  # everything\n"
+    result, _ = _run(SCALED, line)
+    assert result.status == "xfailed"
+    assert sum(result.known_bug_examples.values()) == PROFILES["ci"].known_only_limit > 0
+    assert "the ci profile stops after" in result.message
+    rules = parse_xfails(line)
+    opts = RunOptions(target=SCALED.name, profile=PROFILES["dev"], seed=0, known_bugs=example_rules(rules))
+    dev = run_cell(SCALED, all_properties()[CELL.property], CELL, opts)
+    assert dev.status == "xfailed" and sum(dev.known_bug_examples.values()) > PROFILES["ci"].known_only_limit
+
+
 def test_a_whole_cell_expected_failure_is_not_shrunk():
     """It only has to show it still fails; shrinking it would be most of a library's gate time."""
     from hypothesis import Phase
