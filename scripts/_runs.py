@@ -46,9 +46,12 @@ def run_timed(cmd: list[str], *, cwd: Path = ROOT, env: dict[str, str] | None = 
 
 
 def git_commit(root: Path = ROOT) -> str:
-    """The checked-out commit (short hash), with ``+dirty`` when tracked files differ from it."""
+    """The checked-out commit (short hash), with ``+dirty`` when tracked files other than the records
+    under ``docs/`` (which these scripts rewrite while they run) differ from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root, capture_output=True)
+    dirty = subprocess.run(
+        ["git", "diff", "--quiet", "HEAD", "--", ".", ":!docs"], cwd=root, capture_output=True
+    )
     return head.stdout.strip() + ("+dirty" if dirty.returncode else "")
 
 
