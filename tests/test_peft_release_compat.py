@@ -123,3 +123,21 @@ def test_the_installed_transformers_runs_every_architecture_in_every_dtype():
     for arch, config in configs.items():
         for dtype in DTYPES.values():
             assert archs.cannot_run(arch, tuple(sorted(config.items())), dtype, "cpu") is None, (arch, dtype)
+
+
+def test_snapshot_reads_a_magnitude_store_that_is_none_as_empty():
+    """PEFT 0.9-0.10 keep ``lora_magnitude_vector = None`` (and older ones no ``_caches``) until a DoRA
+    adapter exists; the snapshot a safe-merge check compares must treat that as "no DoRA state"."""
+    from properties.spec import LayerSpec
+    from properties.targets.peft_target import TARGET
+
+    g = torch.Generator().manual_seed(0)
+    a = AdapterSpec("a", r=1, alpha=2.0, A=torch.randn(1, 3, generator=g), B=torch.randn(2, 1, generator=g))
+    handle = TARGET.build(LayerSpec("linear", torch.float32, torch.randn(2, 3, generator=g), (a,)))
+    expected = handle.snapshot()
+    for m in handle._lora_layers():
+        m.lora_magnitude_vector = None
+        m._caches = None
+    got = handle.snapshot()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], v) for k, v in expected.items() if isinstance(v, torch.Tensor))

@@ -251,10 +251,11 @@ class PeftHandle:
             snap[f"{i}.active_adapters"] = list(m.active_adapters)
             snap[f"{i}.disable_adapters"] = bool(m.disable_adapters)
             snap[f"{i}.scaling"] = dict(m.scaling)
-            for k, v in getattr(m, "_caches", {}).items():
+            # `or {}`: PEFT 0.9-0.10 set lora_magnitude_vector to None until a DoRA adapter is added.
+            for k, v in (getattr(m, "_caches", None) or {}).items():
                 snap[f"{i}._caches.{k}"] = v.detach().clone() if isinstance(v, torch.Tensor) else v
-            for name, mag in getattr(m, "lora_magnitude_vector", {}).items():
-                for k, v in getattr(mag, "_dora_cache", {}).items():
+            for name, mag in (getattr(m, "lora_magnitude_vector", None) or {}).items():
+                for k, v in (getattr(mag, "_dora_cache", None) or {}).items():
                     snap[f"{i}.dora_cache.{name}.{k}"] = (
                         v.detach().clone() if isinstance(v, torch.Tensor) else v
                     )

@@ -128,7 +128,7 @@ class PeftModelHandle(TorchModelHandle):
             stores = (
                 ("A", layer.lora_embedding_A if emb else layer.lora_A),
                 ("B", layer.lora_embedding_B if emb else layer.lora_B),
-                ("magnitude", getattr(layer, "lora_magnitude_vector", {})),
+                ("magnitude", getattr(layer, "lora_magnitude_vector", None) or {}),
             )
             for key, store in stores:
                 if name in store:

@@ -1,0 +1,70 @@
+"""scripts/peft_releases.py: the gate table credits xfailed cells and set-aside examples to the lines that
+caused them, split into lines verified on the release and lines applied by range."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # the script imports its sibling helpers (_venv, peft_envs)
+import peft_releases  # noqa: E402
+
+OWN = "line 3: [peft>=0.7] merge_subset * * when adapters > 1 (from peft-0.7.1.txt)"
+RANGED_WHEN = "line 9: [peft>=0.9] reference_forward linear * when dora and unbatched (from peft-0.13.2.txt)"
+OWN_CELL = "line 5: [peft>=0.7,<0.8] merge_idempotent linear * (from peft-0.7.1.txt)"
+RANGED_CELL = "line 20: [peft>=0.7] scaling_law embedding * (from peft-0.13.2.txt)"
+
+
+def _cell(prop: str, layer: str, status: str, known: dict[str, int] | None = None) -> dict:
+    return {
+        "property": prop,
+        "layer": layer,
+        "dtype": "float32",
+        "status": status,
+        "known_bug_examples": known or {},
+    }
+
+
+def _report() -> dict:
+    return {
+        "header": {
+            "xfails_applied": [OWN, RANGED_WHEN, OWN_CELL, RANGED_CELL],
+            "xfails_by_range": [RANGED_WHEN, RANGED_CELL],
+            "unmatched_xfails": [],
+        },
+        "counts": {"passed": 2, "failed": 1, "xfailed": 2, "skipped": 0, "error": 0},
+        "cells": [
+            _cell("merge_subset", "linear", "passed", {OWN: 4}),
+            _cell("reference_forward", "linear", "passed", {RANGED_WHEN: 3, OWN: 1}),
+            _cell("merge_idempotent", "linear", "xfailed"),
+            _cell("scaling_law", "embedding", "xfailed"),
+            _cell("merge_order", "conv2d", "failed"),
+        ],
+    }
+
+
+def test_whole_cell_lines_are_read_back_from_the_header():
+    assert peft_releases._applied_rule(OWN_CELL) == ("merge_idempotent", "linear", "*")
+    assert peft_releases._applied_rule("line 2: merge_order conv* *16 (from x.txt)") == (
+        "merge_order",
+        "conv*",
+        "*16",
+    )
+    assert peft_releases._applied_rule(OWN) is None  # a `when` line never covers a whole cell
+
+
+def test_xfails_are_split_into_verified_and_by_range():
+    assert peft_releases.xfail_split(_report()) == (1, 1, 5, 3)
+
+
+def test_table_row_shows_the_split_and_the_failing_properties(tmp_path):
+    d = tmp_path / "0.7.1"
+    d.mkdir()
+    (d / "report.json").write_text(json.dumps(_report()))
+    (d / "wall.json").write_text(json.dumps({"version": "0.7.1", "exit": 1, "wall_s": 12.3}))
+    row = peft_releases.table(tmp_path).splitlines()[-1]
+    assert row.startswith(
+        "| 0.7.1 | 1 | 2 | 1 | 2 (1 + 1) | 8 (5 + 3) | 0 | 0 | 4 (2) | 0 | merge_order (1) | 12 s |"
+    )
