@@ -18,6 +18,7 @@ BUILTIN = {
     "diffusers": "properties.targets.diffusers_target:TARGET",
     "lycoris": "properties.targets.lycoris_target:TARGET",
     "adapters": "properties.models.targets.adapterhub:TARGET",  # adapter-hub `adapters`: model level
+    "keras": "properties.targets.keras_target:TARGET",  # Keras 3, KERAS_BACKEND=torch
 }
 
 

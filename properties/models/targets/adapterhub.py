@@ -69,9 +69,19 @@ _ADDED_BY_INIT = ("prompt_tuning.", "heads.", "shared_parameters.", "invertible_
 OPERATIONS = frozenset({"merge", "unmerge", "set_active", "add_adapter", "delete_adapter", "save_adapter"})
 
 
-def _adapters() -> Any:
-    import adapters
+class AdaptersMissing(ImportError):
+    pass
 
+
+def _adapters() -> Any:
+    from properties.targets._library import import_or_raise
+
+    adapters = import_or_raise(
+        "adapters",
+        AdaptersMissing,
+        "the adapters target needs adapter-hub `adapters` (it pins transformers 4.57): "
+        "python scripts/envs.py create adapters",
+    )
     logging.getLogger("adapters").setLevel(logging.ERROR)
     return adapters
 
@@ -81,7 +91,7 @@ def _missing() -> str | None:
     try:
         _adapters()
     except ImportError as e:
-        return f"adapters is not usable here ({e}): python scripts/envs.py create adapters"
+        return str(e)
     return None
 
 
