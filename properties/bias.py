@@ -198,14 +198,22 @@ def _units(spec: LayerSpec, name: str) -> dict[str, tuple[torch.Tensor, float]]:
 
 def delta_candidates(spec: LayerSpec, name: str) -> dict[str, dict[str, torch.Tensor]]:
     """Per delta key, the deltas a correct implementation stores: ``round(s B A)``, with ``s`` as a
-    float32 scalar, and with ``B A`` rounded first (a delta formed in the storage dtype)."""
+    float32 scalar, with ``B A`` rounded first (a delta formed in the storage dtype), and for a Linear
+    with the scaling applied to one factor first (torchtune's ``(alpha / rank) * lora_b @ lora_a`` is
+    ``round(round(s B) A)``): that rounding is shared by a whole row (or column) of the delta, so
+    without its candidate a correct merge looks biased along the delta."""
     r = rounder(spec.dtype)
+    a = spec.adapter(name)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, (unit, s) in _units(spec, name).items():
         cands = {}
         for label, sv in _scalings(spec, s).items():
             cands[f"round(s B A){label}"] = r(sv * unit)
             cands[f"round(round(B A) s){label}"] = r(r(unit) * sv)
+            if spec.kind == "linear" and key == "weight":
+                A, B = oracle._t(a.A, False), oracle._t(a.B, False)
+                cands[f"round(round(s B) A){label}"] = r(r(sv * B) @ A)
+                cands[f"round(B round(s A)){label}"] = r(B @ r(sv * A))
         out[key] = cands
     return out
 

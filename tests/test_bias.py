@@ -70,6 +70,29 @@ def test_a_delta_below_half_an_ulp_is_not_a_bias() -> None:
     assert naive.verdict()[1] < -bias.Z_THRESHOLD  # every element leans against the delta
 
 
+def test_scaling_one_factor_first_is_a_correct_rounding() -> None:
+    """torchtune merges ``W += (alpha / rank) * lora_b @ lora_a``: ``s B`` is rounded first, and that one
+    rounding is shared by a whole row of the delta. Found by the thorough nightly run (torchtune 0.6.1,
+    merge_equivalence linear bfloat16, z = -5.68): against the candidates that round ``s B A`` or
+    ``B A`` only, a correct merge looks biased along the delta; with ``round(round(s B) A)`` it is not."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(64, 400, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    A = torch.randn(1, 400, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    B = torch.randn(64, 1, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    spec = LayerSpec("linear", torch.bfloat16, W, (AdapterSpec("default", 1, 27.0, A, B),))
+    actual = {"weight": W + (27.0 / 1) * B @ A}  # torchtune's expression, in bfloat16
+    exact = oracle.merged_weights(spec, ["default"])
+    moved = {"weight": exact["weight"] - W.to(torch.float64)}
+    cands = bias.merged_candidates(spec, ["default"])
+    old = {
+        "weight": {
+            k: v for k, v in cands["weight"].items() if "round(s B)" not in k and "round(s A)" not in k
+        }
+    }
+    assert abs(bias.weight_tally("merged weights", actual, old, moved).verdict()[1]) > bias.Z_THRESHOLD
+    assert abs(bias.weight_tally("merged weights", actual, cands, moved).verdict()[1]) <= bias.Z_THRESHOLD
+
+
 def _cell(target, prop: str, dtype: str, layer: str = "linear", seed: int = 0, n: int | None = None):
     opts = RunOptions(target=target.name, profile=PROFILES["ci"], seed=seed, max_examples=n)
     return run_cell(target, all_properties()[prop], Cell(prop, layer, dtype), opts)
