@@ -261,6 +261,12 @@ def render_md(data: dict) -> str:
         )
         if f.get("replay"):
             lines.append(f"  replay: `{f['replay']}`")
+    superseded = data.get("superseded", [])  # records replaced by a re-run after a suite fix (kept by hand)
+    if superseded:
+        lines += ["", "## Superseded shard records (re-run after a fix of the suite)", ""]
+        for r in superseded:
+            cells = "; ".join(f"`{f['cell']}` {f['status']}" for f in r.get("failures", []))
+            lines.append(f"- {r['lib']} shard {r['shard']} at {r.get('commit')}: {r.get('counts')} {cells}")
     missing = [r for r in data["runs"] if "error" in r]
     if missing:
         lines += ["", "## Shards that wrote no report", ""]
