@@ -179,15 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render_only:
         i, n = (int(p) for p in args.shard.split("/"))
         todo = runs(args.ci_seeds, args.thorough_seeds, args.first_seed)[i - 1 :: n]
+        # A run counts as done only with the same extra arguments (a layer-only run is not a full one).
         done = {
-            (r["profile"], r["seed"]) for r in data["runs"] if "error" not in r and not r.get("extra_args")
+            (r["profile"], r["seed"])
+            for r in data["runs"]
+            if "error" not in r and (r.get("extra_args") or []) == list(args.extra)
         }
         data["command"] = "python scripts/soundness_sweep.py " + " ".join(argv or sys.argv[1:])
         for profile, seed in todo:
             if (profile, seed) in done:
                 continue
             record = run_one(profile, seed, args.jobs, args.extra)
-            data["runs"] = [r for r in data["runs"] if (r["profile"], r["seed"]) != (profile, seed)]
+            data["runs"] = [
+                r
+                for r in data["runs"]
+                if (r["profile"], r["seed"], r.get("extra_args") or []) != (profile, seed, list(args.extra))
+            ]
             data["runs"].append(record)
             data["totals"] = totals(data["runs"])
             write_atomic(args.json, json.dumps(data, indent=1) + "\n")
