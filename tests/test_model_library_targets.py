@@ -178,6 +178,7 @@ def test_torchtune_model_target_runs_or_says_why(prop: str) -> None:
     result = _run(TARGET, prop, "torchtune_llama", "float32")
     lacking = {
         "model_unload_restores_base",
+        "model_merge_unmerge",  # no in-place unmerge
         "model_adapter_isolation",
         "model_safe_merge",
         "model_tied_weights",
@@ -280,6 +281,7 @@ def test_litgpt_model_target_runs_or_says_why(prop: str) -> None:
     result = _run(TARGET, prop, "litgpt", "float32")
     lacking = {
         "model_unload_restores_base",
+        "model_merge_unmerge",  # no in-place unmerge
         "model_adapter_isolation",
         "model_safe_merge",
         "model_tied_weights",

@@ -176,7 +176,10 @@ def cannot_run(arch: Architecture, frozen_config: tuple, dtype: torch.dtype, dev
     """Why the installed transformers cannot run the plain base model (no LoRA anywhere) in ``dtype``, or
     None. Older releases paired with old PEFT releases have such gaps (transformers 4.36's Llama builds
     its causal mask from ``finfo(float64).min`` in float32 and raises in float64); a base that cannot run
-    asks nothing of LoRA, so its cells are skipped with this reason instead of blamed on the target."""
+    asks nothing of LoRA, so its cells are skipped with this reason instead of blamed on the target.
+    The library families are not transformers models: their own targets report what their library lacks."""
+    if family(arch) is not None:
+        return None
     model = _prototype(arch, frozen_config, dtype, device)
     ids = torch.zeros((2, 3), dtype=torch.long, device=device)
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]], device=device)  # left padding, as the examples draw

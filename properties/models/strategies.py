@@ -209,12 +209,12 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     }
 
     grouped = getattr(fam, "target_groups", None)
+    forced: list[str] = []  # paths a property needs targeted (a tied or a deep one)
     if grouped is not None:  # the library states LoRA per kind of module (torchtune)
         deep = fam.deep_paths(config, paths) if d.deep_target else []
         targets = _grouped_targets(draw, grouped(paths), deep)
     else:
         pool = list(paths)
-        forced: list[str] = []
         if d.tied_target and drawable_ties:
             a, b = (
                 drawable_ties[draw(_ints(0, len(drawable_ties) - 1))]
