@@ -28,6 +28,8 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from properties.models.families import group_paths, one_layer_fewer
+
 ARCHITECTURE = "litgpt"
 LAYERS_KEY = "n_layer"
 UNIFORM_RANK = True  # one lora_r / lora_alpha per model
@@ -151,12 +153,7 @@ def group_of(path: str) -> str | None:
 
 
 def target_groups(paths: tuple[str, ...]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {}
-    for p in paths:
-        g = group_of(p)
-        if g is not None:
-            groups.setdefault(g, []).append(p)
-    return groups
+    return group_paths(paths, group_of)
 
 
 def deep_paths(config: dict[str, object], paths: tuple[str, ...]) -> list[str]:
@@ -165,7 +162,7 @@ def deep_paths(config: dict[str, object], paths: tuple[str, ...]) -> list[str]:
 
 
 def fewer_layers(config: dict[str, object]) -> dict[str, object]:
-    return {**config, LAYERS_KEY: int(config[LAYERS_KEY]) - 1}
+    return one_layer_fewer(config, LAYERS_KEY)
 
 
 def save_pretrained(model: nn.Module, config: dict[str, object], directory: str) -> None:

@@ -27,6 +27,8 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from properties.models.families import group_paths, one_layer_fewer
+
 ARCHITECTURE = "torchtune_llama"
 LAYERS_KEY = "num_layers"
 UNIFORM_RANK = True  # one lora_rank / lora_alpha per model (the builders and get_merged_lora_ckpt)
@@ -115,12 +117,7 @@ def group_of(path: str) -> str | None:
 
 
 def target_groups(paths: tuple[str, ...]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {}
-    for p in paths:
-        g = group_of(p)
-        if g is not None:
-            groups.setdefault(g, []).append(p)
-    return groups
+    return group_paths(paths, group_of)
 
 
 def deep_paths(config: dict[str, object], paths: tuple[str, ...]) -> list[str]:
@@ -129,7 +126,7 @@ def deep_paths(config: dict[str, object], paths: tuple[str, ...]) -> list[str]:
 
 
 def fewer_layers(config: dict[str, object]) -> dict[str, object]:
-    return {**config, LAYERS_KEY: int(config[LAYERS_KEY]) - 1}
+    return one_layer_fewer(config, LAYERS_KEY)
 
 
 def save_pretrained(model: nn.Module, config: dict[str, object], directory: str) -> None:

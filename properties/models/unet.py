@@ -22,6 +22,8 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from properties.models.families import one_layer_fewer
+
 ARCHITECTURE = "unet"
 LAYERS_KEY = "layers_per_block"
 
@@ -106,7 +108,7 @@ def deep_paths(config: dict[str, object], paths: tuple[str, ...]) -> list[str]:
 
 
 def fewer_layers(config: dict[str, object]) -> dict[str, object]:
-    return {**config, LAYERS_KEY: int(config[LAYERS_KEY]) - 1}
+    return one_layer_fewer(config, LAYERS_KEY)
 
 
 def from_pretrained(directory: str, dtype: torch.dtype) -> nn.Module:
