@@ -277,6 +277,7 @@ def cli_run(
         cpu0, start = children_cpu(), time.perf_counter()
         out = subprocess.run([*args, "--report", reports], check=False, capture_output=True, text=True)
         wall, cpu = time.perf_counter() - start, children_cpu() - cpu0
+        report_cpu = _report_write_cpu(reports) if out.returncode in (0, 1) else None
     lines = [ln for ln in out.stdout.strip().splitlines() if not ln.startswith("reports:")]
     closing = next((ln for ln in reversed(lines) if " passed, " in ln), lines[-1] if lines else "")
     return {
@@ -285,6 +286,88 @@ def cli_run(
         "cpu_s": cpu,
         "exit_status": out.returncode,
         "closing_line": closing or out.stderr.strip()[-200:],
+        "report_write_cpu_s": report_cpu,
+    }
+
+
+def _report_write_cpu(reports: str) -> float | None:
+    """CPU seconds to write the run's three reports again from its ``report.json`` (what the CLI pays
+    once at the end of a run, serially, after every worker is done); matplotlib's import included
+    when this process has not imported it yet."""
+    import os
+    import tempfile
+
+    from properties.reporting import load_report, write_reports
+
+    path = os.path.join(reports, "report.json")
+    if not os.path.exists(path):
+        return None
+    report = load_report(path)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.process_time()
+        write_reports(report, out)
+        return time.process_time() - start
+
+
+_STARTUP_PROBE = """
+import sys
+from properties.cli import main  # noqa: F401  (what `python -m properties` imports)
+from properties.targets.registry import load_target
+target = load_target(sys.argv[1])
+target.version()
+target.capabilities()
+"""
+
+
+def fixed_costs(target_name: str, repeats: int = 3) -> dict[str, Any]:
+    """The costs a run pays once, whatever its cells: the parent's start-up (a fresh interpreter
+    importing the suite, loading the target and reading its capabilities, minus a bare interpreter's
+    start) and starting two workers that each run one trivial cell, by fork and by spawn.
+
+    CPU seconds of the child processes (``RUSAGE_CHILDREN``), the smallest of ``repeats`` runs; wall
+    seconds alongside. A forked worker inherits the parent's imports and loaded target; a spawned one
+    imports and loads them again."""
+    import resource
+    import subprocess
+
+    from properties.runner import Cell, RunOptions
+    from properties.targets.registry import load_target
+    from properties.workers import WorkerPool
+
+    def children_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    def child_run(args: list[str]) -> tuple[float, float]:
+        cpu0, start = children_cpu(), time.perf_counter()
+        subprocess.run(args, check=True, capture_output=True)
+        return children_cpu() - cpu0, time.perf_counter() - start
+
+    bare = min(child_run([sys.executable, "-c", "pass"]) for _ in range(repeats))
+    startup = min(child_run([sys.executable, "-c", _STARTUP_PROBE, target_name]) for _ in range(repeats))
+    target = load_target(target_name)  # the parent's state when the CLI starts its workers
+    target.version()
+    target.capabilities()
+    # A cell every target skips at once (the property has no embedding claim): start-up and load only.
+    trivial = Cell("train_dropout_unbiased", "embedding", "float32")
+    opts = RunOptions(target=target_name, profile=PROFILES["ci"], seed=0)
+    workers: dict[str, dict[str, float]] = {}
+    for method in ("fork", "spawn"):
+        best: tuple[float, float] | None = None
+        for _ in range(repeats):
+            cpu0, start = children_cpu(), time.perf_counter()
+            with WorkerPool(target_name, 2, method=method) as pool:
+                pool.run([trivial, trivial], opts, lambda _r: None)
+            sample = (children_cpu() - cpu0, time.perf_counter() - start)
+            best = sample if best is None else min(best, sample)
+        assert best is not None
+        workers[method] = {"cpu_s": best[0], "wall_s": best[1]}
+    return {
+        "target": target_name,
+        "startup_cpu_s": startup[0] - bare[0],
+        "startup_wall_s": startup[1] - bare[1],
+        "bare_interpreter_cpu_s": bare[0],
+        "two_workers": workers,
     }
 
 
@@ -425,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--half", action="append", choices=sorted(HALVES), help="repeatable; default: all")
     ap.add_argument("--cli-only", action="store_true", help="skip the in-process breakdown")
     ap.add_argument(
+        "--fixed-costs",
+        action="store_true",
+        help="also measure start-up, worker start (fork vs spawn) per target",
+    )
+    ap.add_argument(
         "--mutants",
         type=lambda t: [g for g in t.split(",") if g],
         default=[],
@@ -434,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         "--properties", type=lambda t: [p for p in t.split(",") if p], help="ids or globs ('model_*')"
     )
     args = ap.parse_args(argv)
-    runs = []
+    runs: list[dict[str, Any]] = []
+    fixed: list[dict[str, Any]] = []
     for name in args.target or ["reference"]:
         for half in args.half or ["all"]:
             scope = dict(HALVES[half])
@@ -447,12 +536,28 @@ def main(argv: list[str] | None = None) -> int:
                 res["cli"] = cli_run(name, args.profile, args.jobs, **scope)
             runs.append(res)
             _print_run(res)
+        if args.fixed_costs:
+            fixed.append(fixed_costs(name))
+            _print_fixed(fixed[-1])
     entry: dict[str, Any] = {"machine": _machine(), "runs": runs}
+    if fixed:
+        entry["fixed_costs"] = fixed
     if args.mutants:
         entry["mutants"] = mutant_catch_times(args.mutants)
     if args.json:
         _store(args.json, args.label, entry)
     return 0
+
+
+def _print_fixed(f: dict[str, Any]) -> None:
+    w = f["two_workers"]
+    fork, spawn = w["fork"], w["spawn"]
+    print(
+        f"\n{f['target']} fixed costs: start-up {f['startup_cpu_s']:.2f} CPU-s "
+        f"({f['startup_wall_s']:.2f}s wall) beyond a bare interpreter; two workers by fork "
+        f"{fork['cpu_s']:.2f} CPU-s ({fork['wall_s']:.2f}s), by spawn {spawn['cpu_s']:.2f} CPU-s "
+        f"({spawn['wall_s']:.2f}s)"
+    )
 
 
 def _print_run(res: dict[str, Any]) -> None:
@@ -463,6 +568,8 @@ def _print_run(res: dict[str, Any]) -> None:
             f"{head}: CLI --jobs {c['jobs']}: {c['wall_s']:.1f}s wall, {c['cpu_s']:.1f} CPU-s "
             f"(process tree), exit {c['exit_status']}: {c['closing_line']}"
         )
+        if c.get("report_write_cpu_s") is not None:
+            print(f"writing the three reports again from report.json: {c['report_write_cpu_s']:.2f} CPU-s")
     if "total_s" not in res:
         return
     print(

@@ -63,6 +63,17 @@ def _floor(values: list[float]) -> float:
     return min(positive) / 2 if positive else 1e-6
 
 
+def _figure(Figure: Any, width: float, height: float, bottom: float = 0.55) -> Any:
+    """A figure with fixed margins, in inches (left: tick labels and the y label; ``bottom``: tick
+    labels and the x label). matplotlib's constrained layout measures every tick label's extent
+    before each draw: ~40% of a report's plotting time."""
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(
+        left=0.75 / width, right=1 - 0.15 / width, bottom=bottom / height, top=1 - 0.15 / height, wspace=0.3
+    )
+    return fig
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI)
@@ -84,7 +95,8 @@ def _ratio_by_property(Figure: Any, samples: list[tuple[str, str, Sample]]) -> P
     props = sorted({p for p, _ in groups})
     dtypes = sorted_dtypes(d for _, d in groups)
     floor = min(_floor([v for vs in groups.values() for v in vs]), 0.5)
-    fig = Figure(figsize=(max(5.0, 1.0 + 0.9 * len(props)), 3.6), layout="constrained")
+    # Rotated property names below the axis: up to ~1 in.
+    fig = _figure(Figure, max(5.0, 1.0 + 0.9 * len(props)), 3.6 + 0.5, bottom=1.15)
     ax = fig.subplots()
     width = 0.8 / len(dtypes)
     for j, dtype in enumerate(dtypes):
@@ -131,7 +143,7 @@ def _scaling(Figure: Any, samples: list[tuple[str, Sample]]) -> Plot | None:
     dtypes = sorted_dtypes(d for d, _ in samples)
     err_floor = _floor([s.err_u for _, s in samples])
     ratio_floor = _floor([s.ratio for _, s in samples])
-    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    fig = _figure(Figure, 9.0, 3.6)
     ax_k, ax_r = fig.subplots(1, 2)
     for dtype in dtypes:
         mine = [s for d, s in samples if d == dtype]
@@ -164,7 +176,7 @@ def _drift(Figure: Any, samples: list[tuple[str, Sample]]) -> Plot | None:
         return None
     dtypes = sorted_dtypes(d for d, _ in samples)
     floor = _floor([s.err_u for _, s in samples])
-    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    fig = _figure(Figure, 5.5, 3.6)
     ax = fig.subplots()
     for dtype in dtypes:
         mine = [s for d, s in samples if d == dtype]
