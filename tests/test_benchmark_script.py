@@ -48,3 +48,16 @@ def test_mutant_records_count_examples_to_the_first_failure(bench_script, monkey
         assert r["status"] == "failed"
         assert 1 <= r["examples_to_first_failure"] <= r["examples_total"]
         assert r["seconds_to_first_failure"] is not None
+
+
+def test_report_write_cost_is_measured_from_the_runs_report_json(bench_script, tmp_path):
+    from test_reporting import make_report  # tests/ is on sys.path (rootdir conftest)
+
+    from properties.reporting import write_json
+
+    assert bench_script._report_write_cpu(str(tmp_path)) is None  # a run that wrote no report
+    write_json(make_report(), tmp_path / "report.json")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cpu = bench_script._report_write_cpu(str(tmp_path))
+    assert cpu is not None and cpu >= 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # rewritten elsewhere, not over the run's
