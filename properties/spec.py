@@ -31,7 +31,7 @@ import torch
 LayerKind = Literal["linear", "embedding", "conv1d", "conv2d", "conv3d", "mha"]
 LAYER_KINDS: tuple[LayerKind, ...] = ("linear", "embedding", "conv1d", "conv2d", "conv3d", "mha")
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
-HQQ_KINDS: tuple[str, ...] = ("hqq_8bit", "hqq_4bit", "hqq_3bit", "hqq_2bit")
+HQQ_KINDS: tuple[str, ...] = ("hqq_8bit", "hqq_4bit", "hqq_3bit", "hqq_2bit", "hqq_1bit")
 QUANT_KINDS: tuple[str, ...] = ("bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8", *HQQ_KINDS, "torchao_nf4")
 """Linear layers on a quantized base (``properties/quantized``): run only when named in ``--layers``."""
 

@@ -50,7 +50,12 @@ REFERENCE_CELLS += [
 REFERENCE_CELLS += [Cell(p, "hqq_4bit", "bfloat16") for p in QUANTIZED] + [
     Cell(p, layer, dtype)
     for p in ("merge_equivalence", "merge_roundtrip", "merge_cycle_drift")
-    for layer, dtype in (("hqq_8bit", "float16"), ("hqq_3bit", "float32"), ("hqq_2bit", "bfloat16"))
+    for layer, dtype in (
+        ("hqq_8bit", "float16"),
+        ("hqq_3bit", "float32"),
+        ("hqq_2bit", "bfloat16"),
+        ("hqq_1bit", "float32"),
+    )
 ]
 
 

@@ -24,7 +24,9 @@ from properties.spec import Example, QuantSpec
 from properties.strategies import Draw, examples
 
 LORA_OPTIONS = frozenset({"multi_adapter", "rslora", "lora_bias"})
-BNB4_BLOCKS = (32, 64, 128, 256)
+BNB4_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Every block size bitsandbytes 0.50's ``quantize_4bit`` takes on CPU (16 raises ``invalid blocksize``);
+linear weights are drawn up to 40 x 40, so 2048 and 4096 are one (short) block."""
 HQQ_GROUPS = (8, 16, 32, 64, 128)
 HQQ_PACKED_GROUPS = {8: 1, 4: 2, 3: 1, 2: 4, 1: 8}  # as properties.targets._hqq_state.PACKED_GROUPS
 MAX_FAN_STEP = 32  # linear fans are drawn up to 40: a step of at most 32 leaves a choice

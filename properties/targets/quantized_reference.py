@@ -4,8 +4,8 @@ The base weight is quantized by bitsandbytes (``quantize_4bit`` / ``int8_vectorw
 functions its ``Params4bit`` / ``Int8Params`` call), torchao (``quantize_`` with
 ``Int8WeightOnlyConfig``; ``to_nf4`` for NF4) or HQQ (a fresh ``HQQLinear.quantize``, as PEFT's merge
 does). Everything between dequantize and quantize is exact float64: ``V = D(Wq) ± s B A``, checked
-for finiteness *before* anything is written when the merge is safe, then handed to the same quantizer (as float32;
-float16 for 8-bit, as bnb does). Its forward is the float64 answer on the decoded weight, rounded
+for finiteness *before* anything is written when the merge is safe, then handed to the same quantizer
+(as float32; float16 for 8-bit, as bnb does). Its forward is the float64 answer on the decoded weight, rounded
 once. It shows that a correct quantized merge passes the quantized properties;
 ``tests/quant_mutants.py`` breaks it on purpose.
 """
