@@ -38,6 +38,10 @@ again. From the codes a target stores (``QuantState``), in float64:
   requantization with a min/max zero is off by at most half a step of its grid (plus the stored
   grid's shift; up to the group's magnitude where its range may be below ``1e-4``); with an
   optimised zero nothing bounds it a priori (``NoChainBound``).
+* **torchao NF4** (absmax, nearest code of the dtype-rounded NF4 table, computed in the weight's
+  dtype): the absmax bounds above with ``δ`` including ``5u |V|`` (input cast, division, distance
+  roundings); its double-quantized scales (global mean subtracted, int8 per group, the largest
+  deviation clamped a whole step) are off by at most ``D (1/128 + 6u) + 1.01 u |a|`` (``_dq_term``).
 """
 
 from __future__ import annotations
