@@ -31,8 +31,8 @@ import torch
 LayerKind = Literal["linear", "embedding", "conv1d", "conv2d", "conv3d", "mha"]
 LAYER_KINDS: tuple[LayerKind, ...] = ("linear", "embedding", "conv1d", "conv2d", "conv3d", "mha")
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
-HQQ_KINDS: tuple[str, ...] = ("hqq_8bit", "hqq_4bit", "hqq_3bit", "hqq_2bit")
-QUANT_KINDS: tuple[str, ...] = ("bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8", *HQQ_KINDS)
+HQQ_KINDS: tuple[str, ...] = ("hqq_8bit", "hqq_4bit", "hqq_3bit", "hqq_2bit", "hqq_1bit")
+QUANT_KINDS: tuple[str, ...] = ("bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8", *HQQ_KINDS, "torchao_nf4")
 """Linear layers on a quantized base (``properties/quantized``): run only when named in ``--layers``."""
 
 DTYPES: dict[str, torch.dtype] = {
@@ -68,13 +68,15 @@ class QuantSpec:
 
     ``block``: elements per scale (bnb 4-bit blocksize, HQQ group size; 0 = one scale per output row);
     ``bits``: code width; ``double_quant``: bnb's 8-bit coding of the 4-bit block scales; ``optimize``:
-    HQQ's zero-point optimiser (``optimize=True``, its default) instead of plain min/max."""
+    HQQ's zero-point optimiser (``optimize=True``, its default) instead of plain min/max;
+    ``scale_block``: torchao NF4's ``scaler_block_size`` (block scales per double-quantized group)."""
 
     kind: str
     bits: int
     block: int = 0
     double_quant: bool = False
     optimize: bool = False
+    scale_block: int = 0
 
     @property
     def label(self) -> str:
@@ -83,6 +85,8 @@ class QuantSpec:
             return f"{self.kind[4:]} b{self.block}" + (" dq" if self.double_quant else "")
         if self.kind in HQQ_KINDS:
             return f"hqq {self.bits}bit g{self.block}" + (" opt" if self.optimize else "")
+        if self.kind == "torchao_nf4":
+            return f"torchao nf4 b{self.block} s{self.scale_block}"
         return f"{self.kind.split('_', 1)[1]} per-row" if self.kind == "bnb_int8" else "torchao int8 per-row"
 
 

@@ -5,7 +5,10 @@ a delta added in the wrong scale (in units of the block scale, as if added to th
 blocks requantized with the old scale (no new absmax where the delta moved it), a safe merge that
 writes the codes before checking, and a delta computed in 8-bit (row-wise int8) before adding; on HQQ:
 codes rounded down instead of to the nearest level, blocks kept on the old grid, the base bias
-dropped by the merge, the delta in code units and a safe merge writing first.
+dropped by the merge, the delta in code units and a safe merge writing first. On torchao NF4 the
+requantizing mutants again, and ``FloatExportReference``: a correct merge that exports
+``D(Wq) + ΔW`` into a float layer (what torchtune's QLoRA recipe does), with the mutant that routes the
+export through bfloat16 (torchtune's hook default, ``torchtune-qlora-export-bf16``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from properties.quantized.state import F64, QuantState
+from properties.targets.protocol import Capabilities, Unsupported
 from properties.targets.quantized_reference import QuantizedReferenceHandle, QuantizedReferenceTarget
 
 
@@ -77,6 +81,66 @@ class HqqDropsBias(QuantizedReferenceHandle):
             self.bias = torch.zeros_like(self.bias)
 
 
+class FloatExportReference(QuantizedReferenceHandle):
+    """A correct float export: merging writes ``D(Wq) + Σ ΔW`` (exact, rounded once to
+    ``export_dtype``, then stored in the compute dtype) into a float weight; no unmerge."""
+
+    export_dtype: torch.dtype | None = None
+
+    def merge(self, *, adapter_names=None, safe=False):
+        if safe:
+            raise Unsupported("no safe merge")
+        if self.merged:
+            return
+        names = list(adapter_names if adapter_names is not None else self.active)
+        v = self.state.decode() + sum((self.delta(n) for n in names), torch.zeros(()))
+        self.float_weight = v.to(self.export_dtype or self.spec.dtype).to(self.spec.dtype)
+        self.merged = names
+
+    def unmerge(self) -> None:
+        raise Unsupported("a float export has no unmerge")
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled  # as torchtune's disable_adapter: nothing to take out of the weights
+
+    def quant_state(self):
+        return None if self.merged else self.state
+
+    def weights(self):
+        if not self.merged:
+            return super().weights()
+        out = {"weight": self.float_weight}
+        if self.bias is not None:
+            out["bias"] = self.bias.to(self.spec.dtype)
+        return out
+
+    def forward(self, x, *, train=False, adapter_names=None):
+        if not self.merged:
+            return super().forward(x, train=train, adapter_names=adapter_names)
+        y = x.to(F64) @ self.float_weight.to(F64).T
+        return (y if self.bias is None else y + self.bias).to(self.spec.dtype)
+
+    def snapshot(self):
+        if not self.merged:
+            return super().snapshot()
+        return {"weight": self.float_weight.clone(), "merged": list(self.merged)}
+
+
+class ExportViaBf16(FloatExportReference):
+    export_dtype = torch.bfloat16
+
+
+class FloatExportTarget(QuantizedReferenceTarget):
+    """The quantized reference with a float-export merge (``merge_to_float``), one adapter."""
+
+    def capabilities(self) -> Capabilities:
+        caps = super().capabilities()
+        ops = (caps.operations - {"unmerge", "safe_merge", "merge_subset", "set_active"}) | {"merge_to_float"}
+        return Capabilities(
+            caps.layers, caps.dtypes, frozenset(ops), frozenset({"quant_blocksize"}), caps.notes
+        )
+
+
 @dataclass(frozen=True)
 class QuantMutant:
     name: str
@@ -87,7 +151,11 @@ class QuantMutant:
     max_examples: int | None = None
 
     def target(self) -> QuantizedReferenceTarget:
-        t = QuantizedReferenceTarget()
+        t = (
+            FloatExportTarget()
+            if issubclass(self.handle, FloatExportReference)
+            else QuantizedReferenceTarget()
+        )
         t.handle = self.handle
         t.name = f"quantized-reference-{self.name}"
         return t
@@ -106,5 +174,9 @@ QUANT_MUTANTS = {
         QuantMutant("hqq_old_grid", HqqOldGrid, "merge_roundtrip", "hqq_8bit"),
         QuantMutant("hqq_drops_bias", HqqDropsBias, "merge_equivalence", "hqq_2bit", "bfloat16"),
         QuantMutant("hqq_safe_merge_writes_first", SafeMergeWritesFirst, "safe_merge_atomic", "hqq_4bit"),
+        QuantMutant("nf4_old_scale", OldScale, "merge_equivalence", "torchao_nf4", "bfloat16"),
+        QuantMutant("nf4_delta_in_code_units", DeltaInCodeUnits, "merge_equivalence", "torchao_nf4"),
+        QuantMutant("nf4_safe_merge_writes_first", SafeMergeWritesFirst, "safe_merge_atomic", "torchao_nf4"),
+        QuantMutant("nf4_export_via_bf16", ExportViaBf16, "merge_equivalence", "torchao_nf4"),
     )
 }

@@ -50,14 +50,38 @@ REFERENCE_CELLS += [
 REFERENCE_CELLS += [Cell(p, "hqq_4bit", "bfloat16") for p in QUANTIZED] + [
     Cell(p, layer, dtype)
     for p in ("merge_equivalence", "merge_roundtrip", "merge_cycle_drift")
-    for layer, dtype in (("hqq_8bit", "float16"), ("hqq_3bit", "float32"), ("hqq_2bit", "bfloat16"))
+    for layer, dtype in (
+        ("hqq_8bit", "float16"),
+        ("hqq_3bit", "float32"),
+        ("hqq_2bit", "bfloat16"),
+        ("hqq_1bit", "float32"),
+    )
 ]
+
+
+REFERENCE_CELLS += [Cell(p, "torchao_nf4", "bfloat16") for p in QUANTIZED] + [
+    Cell(p, "torchao_nf4", dtype)
+    for p in ("merge_equivalence", "merge_cycle_drift")
+    for dtype in ("float32", "float16")
+]
+
+
+def _need_nf4() -> None:
+    from properties.targets._nf4_state import nf4_module
+    from properties.targets.protocol import Unsupported
+
+    try:
+        nf4_module()
+    except Unsupported as e:
+        pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("cell", REFERENCE_CELLS, ids=str)
 def test_quantized_reference_passes(cell: Cell) -> None:
     if cell.layer.startswith("torchao"):
         pytest.importorskip("torchao")
+    if cell.layer == "torchao_nf4":
+        _need_nf4()
     if cell.layer.startswith("hqq"):
         pytest.importorskip("hqq")
     result = _run(TARGET, cell)
@@ -68,6 +92,10 @@ def test_quantized_reference_passes(cell: Cell) -> None:
 
 @pytest.mark.parametrize("mutant", list(QUANT_MUTANTS.values()), ids=lambda m: m.name)
 def test_quantized_mutant_is_caught(mutant) -> None:
+    if mutant.layer.startswith("hqq"):
+        pytest.importorskip("hqq")
+    if mutant.layer == "torchao_nf4":
+        _need_nf4()
     target = mutant.target()
     result = _run(target, Cell(mutant.property, mutant.layer, mutant.dtype), mutant.max_examples or 12)
     assert result.status == "failed", f"{mutant.name} -> {result.status}: {result.message}"
@@ -291,3 +319,112 @@ def test_peft_declares_hqq_by_feature() -> None:
     assert set(HQQ_KINDS) <= caps.layers
     assert ("hqq_lora_bias" in caps.options) != ("hqq_lora_bias" in caps.notes)
     assert "hqq_lora_bias" in TARGET.capabilities().options  # the quantized reference merges one
+
+
+# -- torchao NF4 (torchtune's QLoRA base) -------------------------------------------------------------
+
+
+NF4_CASES = [
+    (64, 256, (128, 128), torch.bfloat16),
+    (64, 256, (64, 256), torch.float32),
+    (32, 16, (16, 32), torch.float16),
+    (16, 4, (8, 32), torch.bfloat16),
+    (16, 64, (32, 32), torch.float32),
+]
+
+
+def _nf4_spec(block: int, scale_block: int, shape, dtype, seed: int = 0) -> LayerSpec:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    q = QuantSpec("torchao_nf4", 4, block, True, scale_block=scale_block)
+    return LayerSpec("linear", dtype, w, (), quant=q)
+
+
+@pytest.mark.parametrize("block,scale_block,shape,dtype", NF4_CASES)
+def test_nf4_decode_and_requant_bound(block, scale_block, shape, dtype) -> None:
+    """The canonical decode equals torchao's own dequantize (one rounding in the dtype); torchao's
+    quantizer lands within the requantization bound, nearly attaining it, and its double-quantized
+    scales within the scale bound; the scales of the unscaled weight (stale) are rejected."""
+    _need_nf4()
+    from properties.precision import UNIT_ROUNDOFF
+    from properties.targets._nf4_state import nf4_module, nf4_state
+
+    spec = _nf4_spec(block, scale_block, shape, dtype, seed=5)
+    w = spec.weight.contiguous()
+    nf4 = nf4_module().to_nf4(w, block_size=block, scaler_block_size=scale_block)
+    qs = nf4_state(nf4)
+    assert qs.format == f"torchao nf4 b{block} s{scale_block}"
+    u = UNIT_ROUNDOFF[dtype]
+    theirs = nf4.get_original_weight().to(torch.float64)
+    assert ((qs.decode() - theirs).abs() <= u * qs.decode().abs()).all()
+    v = spec.weight.to(torch.float64) * 1.37
+    qv = quantize(spec, v)
+    delta = (qv.input_roundoff + 3 * model.U32) * v.abs()
+    err = (qv.decode() - v).abs()
+    bound = model.requant_bound(qv, v, delta)
+    assert (err <= bound).all()
+    assert float((err / bound).max()) > 0.5
+    scales = model.scale_expected(qv, v, delta)
+    assert ((qv.scale - scales.exact).abs() <= scales.bound).all()
+    assert ((qs.scale - scales.exact).abs() > scales.bound).any()  # the scales of W, not 1.37 W
+
+
+def test_nf4_double_quant_clamp_is_a_whole_step() -> None:
+    """torchao codes the largest scale deviation as 128 and clamps it to 127: one whole step of
+    ``max|a - m| / 128`` off, which the scale bound must allow (half a step would not)."""
+    _need_nf4()
+    from properties.targets._nf4_state import nf4_module, nf4_state
+
+    spec = _nf4_spec(16, 4, (8, 32), torch.float32, seed=1)
+    qs = nf4_state(nf4_module().to_nf4(spec.weight.contiguous(), block_size=16, scaler_block_size=4))
+    absmax = model._blocks(qs, spec.weight.to(torch.float64)).abs().max(dim=1).values
+    dev = absmax - absmax.mean()
+    groups = dev.reshape(-1, 4)
+    top = groups.argmax(dim=1) + torch.arange(groups.shape[0]) * 4
+    spread = groups.abs().max(dim=1).values
+    off = (qs.scale - absmax).abs()[top]
+    assert (off > 0.9 * spread / 128).any()  # the clamped ones are off by about a whole step
+    exp = model.scale_expected(
+        qs, spec.weight.to(torch.float64), torch.zeros(spec.weight.shape, dtype=torch.float64)
+    )
+    assert ((qs.scale - exp.exact).abs() <= exp.bound).all()
+
+
+def test_nf4_strategy_draws_shapes_torchao_takes() -> None:
+    """Every drawn NF4 example has a weight of a multiple of block_size * scaler_block_size elements,
+    and the default blocks (64, 256) are drawn too."""
+    from hypothesis import HealthCheck, given, settings
+
+    from properties.quantized.strategies import quantized_examples
+    from properties.strategies import Draw
+
+    seen = set()
+
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(quantized_examples(Draw("torchao_nf4", torch.float32, frozenset({"quant_blocksize"}))))
+    def check(ex) -> None:
+        q = ex.spec.quant
+        assert ex.spec.weight.numel() % (q.block * q.scale_block) == 0
+        assert q.block % 2 == 0 and max(ex.spec.weight.shape) <= 128
+        seen.add((q.block, q.scale_block))
+
+    check()
+    assert (64, 256) in seen and len(seen) > 1
+
+
+def test_float_export_reference_passes() -> None:
+    """A correct float export (torchtune's kind of QLoRA merge) passes the quantized properties it
+    can run; its bfloat16-routed mutant is ``tests/quant_mutants.py`` ``nf4_export_via_bf16``."""
+    _need_nf4()
+    from tests.quant_mutants import FloatExportReference, FloatExportTarget
+
+    target = FloatExportTarget()
+    target.handle = FloatExportReference
+    target.name = "quantized-reference-float-export"
+    for p in ("reference_forward", "merge_equivalence", "merge_idempotent", "disable_exact"):
+        for dtype in ("float32", "bfloat16"):
+            result = _run(target, Cell(p, "torchao_nf4", dtype))
+            assert result.status == "passed", (
+                f"{p} {dtype}: {result.status}: {result.message}\n{result.example}"
+            )
+            assert result.examples > 0

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from properties import oracle
 from properties.catalogue import REGISTRY, Context, OutOfRange, PropertyFailure, assert_identical
-from properties.precision import Expected
+from properties.precision import Expected, forward_expected, weights_expected
 from properties.quantized import model
 from properties.quantized.state import F64, QuantState
 from properties.results import Sample
@@ -65,7 +65,9 @@ def _fwd(ctx: Context, qs: QuantState, adapters=None, merged=(), bias_writes: in
 def _check_format(ctx: Context, qs: QuantState, stage: str) -> None:
     q = ctx.spec.quant
     want = {"bnb_int8": "bnb int8 per-row", "torchao_int8": "torchao int8 per-row"}.get(q.kind) or (
-        q.label if q.kind in HQQ_KINDS else f"bnb {q.kind[4:]} b{q.block}" + (" dq" if q.double_quant else "")
+        q.label
+        if q.kind in HQQ_KINDS or q.kind == "torchao_nf4"
+        else f"bnb {q.kind[4:]} b{q.block}" + (" dq" if q.double_quant else "")
     )
     if qs.format != want or tuple(qs.shape) != tuple(ctx.spec.weight.shape):
         raise PropertyFailure(
@@ -123,6 +125,31 @@ def _merge_shift_sample(
     )
 
 
+def _exports_float(ctx: Context) -> bool:
+    """The target's merge writes ``D(Wq) + ΔW`` into a float layer instead of requantizing (torchtune's
+    QLoRA: the recipe's merged checkpoint is the dequantized state dict plus the delta)."""
+    return "merge_to_float" in ctx.target.capabilities().operations
+
+
+def _float_export(ctx: Context, h, qs0: QuantState, y0, unmerged_exp: Expected) -> None:
+    """A merge that exports a float layer: its weights are the ordinary layer merge of ``D(Wq) + ΔW``
+    (``weights_expected`` on the decoded weight) plus one rounding of the dequantized weight, and its
+    output the ordinary forward of that layer."""
+    names = ctx.spec.active_adapters
+    dspec = model.decoded_spec(ctx.spec, qs0)
+    d_abs = dspec.weight.abs()
+    extra = model.dequant_rounding(qs0, ctx.arith.u) * d_abs
+    wexp = weights_expected(dspec, names, ctx.arith)
+    w = wexp["weight"]
+    wexp["weight"] = Expected(w.exact, w.bound + extra, w.magnitude + d_abs)
+    ctx.check_weights(h.weights(), wexp, "merged export (D(Wq) + delta)")
+    y1 = h.forward(ctx.x)
+    exp = forward_expected(dspec, ctx.x, ctx.arith)
+    merged_exp = Expected(exp.exact, exp.bound + model.weight_effect(ctx.x, extra), exp.magnitude)
+    ctx.check(y1, merged_exp, "merged output")
+    _merge_shift_sample(ctx, qs0, y0, y1, unmerged_exp, merged_exp, torch.zeros_like(d_abs))
+
+
 def merge_equivalence(ctx: Context) -> None:
     h = ctx.build()
     qs0 = _initial(ctx, h)
@@ -130,6 +157,10 @@ def merge_equivalence(ctx: Context) -> None:
     unmerged_exp = _fwd(ctx, qs0)
     y0 = h.forward(ctx.x)
     ctx.check(y0, unmerged_exp, "unmerged output")
+    if _exports_float(ctx):
+        h.merge()
+        _float_export(ctx, h, qs0, y0, unmerged_exp)
+        return
     h.merge()
     qs1 = _state(ctx, h)
     _check_format(ctx, qs1, "merged")
@@ -191,6 +222,8 @@ def merge_cycle_drift(ctx: Context) -> None:
 def _full_snapshot(ctx: Context, h) -> dict[str, object]:
     snap = dict(h.snapshot())
     qs = _state(ctx, h)
+    if qs is None and _exports_float(ctx) and h.merged_adapters():
+        return snap  # merged into a float export: no quantized state is left
     snap.update({k: v.clone() for k, v in qs.tensors().items()})
     snap["quant.format"] = qs.format
     return snap
@@ -248,14 +281,21 @@ def safe_merge_atomic(ctx: Context) -> None:
 
 def dtype_device_preserved(ctx: Context) -> None:
     """Here: the quantization state is preserved (a merged 4-bit layer is still 4-bit, same blocks),
-    and outputs keep the compute dtype and device."""
+    and outputs keep the compute dtype and device; a float export (``merge_to_float``) is a layer of
+    the compute dtype."""
     h = ctx.build()
-    for stage in ("built", "merged", "unmerged"):
+    exports = _exports_float(ctx)
+    for stage in ("built", "merged") if exports else ("built", "merged", "unmerged"):
         if stage == "merged":
             h.merge()
         elif stage == "unmerged":
             h.unmerge()
-        _check_format(ctx, _state(ctx, h), stage)
+        if exports and stage == "merged":  # a float export: a float layer in the compute dtype
+            w = h.weights()["weight"]
+            if w.dtype != ctx.spec.dtype or w.device != torch.device(ctx.spec.device):
+                raise PropertyFailure(f"merged export is {w.dtype} on {w.device}, expected {ctx.spec.dtype}")
+        else:
+            _check_format(ctx, _state(ctx, h), stage)
         y = h.forward(ctx.x)
         if y.dtype != ctx.spec.dtype or y.device != torch.device(ctx.spec.device):
             raise PropertyFailure(f"{stage}: output is {y.dtype} on {y.device}, expected {ctx.spec.dtype}")
@@ -288,8 +328,8 @@ def disable_exact(ctx: Context) -> None:
     ctx.check(h.forward(x), _fwd(ctx, qs0, adapters=[]), "disabled output")
     h.set_enabled(True)
     ctx.check(h.forward(x), _fwd(ctx, qs0), "re-enabled output")
-    if "merge" not in ctx.target.capabilities().operations:
-        return
+    if "merge" not in ctx.target.capabilities().operations or _exports_float(ctx):
+        return  # after a float export there is no adapter left to disable
     h.merge()
     qs1 = _state(ctx, h)
     _check_format(ctx, qs1, "merged")

@@ -38,6 +38,10 @@ again. From the codes a target stores (``QuantState``), in float64:
   requantization with a min/max zero is off by at most half a step of its grid (plus the stored
   grid's shift; up to the group's magnitude where its range may be below ``1e-4``); with an
   optimised zero nothing bounds it a priori (``NoChainBound``).
+* **torchao NF4** (absmax, nearest code of the dtype-rounded NF4 table, computed in the weight's
+  dtype): the absmax bounds above with ``δ`` including ``5u |V|`` (input cast, division, distance
+  roundings); its double-quantized scales (global mean subtracted, int8 per group, the largest
+  deviation clamped a whole step) are off by at most ``D (1/128 + 6u) + 1.01 u |a|`` (``_dq_term``).
 """
 
 from __future__ import annotations
@@ -161,17 +165,32 @@ def _minmax_scale(qs: QuantState, rng: torch.Tensor) -> torch.Tensor:
     return torch.where(rng > HQQ_MIN_RANGE, s, torch.ones_like(s))
 
 
-def _dq_term(qs: QuantState, absmax: torch.Tensor) -> torch.Tensor:
-    """Per block: the error bnb's double quantization may put on a scale (8-bit code, per nested
-    block of ``scale_block`` scales, of the scales minus their mean)."""
+def _dq_term(qs: QuantState, absmax: torch.Tensor, slack: torch.Tensor | None = None) -> torch.Tensor:
+    """Per block: the error double quantization may put on a scale (8-bit code, per nested block of
+    ``scale_block`` scales, of the scales minus their mean).
+
+    torchao NF4 (``scale_mean="global"``, roundings ``u = meta_roundoff``): with ``D`` the group's
+    largest ``|a - m'|`` (``m'`` the stored mean, within ``(u + n 2^-24) max a`` of the exact one;
+    the absmaxes the quantizer saw within ``slack`` of ``absmax``), ``a - m'`` rounded, the factor
+    ``256 / 2D`` rounded, the product rounded, rounded to an integer and clamped (at most one step
+    ``D / 128``), divided and added back to ``m'`` (two roundings): ``|s - a| <= D (1/128 + 6u) +
+    1.01 u |a|``."""
     if qs.scale_codebook is None:
         return torch.zeros_like(absmax)
     offset = absmax.mean()
     dev = (absmax - offset).abs()
+    if qs.scale_mean == "global":
+        u = qs.meta_roundoff
+        em = (u + absmax.numel() * U32) * 1.01 * float(absmax.abs().max())
+        dev = dev + em + (2 * float(slack.max()) if slack is not None and slack.numel() else 0.0)
     n = dev.numel()
     nb = -(-n // qs.scale_block)
     padded = torch.cat([dev, dev.new_zeros(nb * qs.scale_block - n)]).reshape(nb, qs.scale_block)
     spread = padded.max(dim=1).values.repeat_interleave(qs.scale_block)[:n]
+    if qs.scale_mean == "global":
+        u = qs.meta_roundoff
+        steps = gap_max(qs.scale_codebook) * qs.scale_code_steps
+        return (steps + 6 * u + 4 * U32) * spread + (1.01 * u + 4 * U32) * absmax.abs()
     return (gap_max(qs.scale_codebook) / 2 + 4 * U32) * spread + 4 * U32 * absmax.abs()
 
 
@@ -198,7 +217,7 @@ def scale_expected(qs_out: QuantState, v: torch.Tensor, delta: torch.Tensor) -> 
     div = qs_out.divisor
     absmax = _blocks(qs_out, v).abs().max(dim=1).values / div
     slack = _blocks(qs_out, delta).max(dim=1).values / div
-    bound = slack + _dq_term(qs_out, absmax) + 2 * U32 * absmax
+    bound = slack + _dq_term(qs_out, absmax, slack) + 2 * U32 * absmax
     return Expected(absmax, bound, absmax)
 
 
@@ -260,7 +279,8 @@ def chain_term(
     cmax = float(qs_in.codebook.abs().max())
     if qs_in.scale_rule == "absmax":
         s = _blocks(qs_in, total).max(dim=1).values / qs_in.divisor
-        s = s * (1.0 + 2 * (gap_max(qs_in.scale_codebook) if qs_in.scale_codebook is not None else 0.0))
+        dq = gap_max(qs_in.scale_codebook) if qs_in.scale_codebook is not None else 0.0
+        s = s * (1.0 + 2 * dq + 8 * qs_in.meta_roundoff)
     else:  # an affine grid spanning at most [-S, S] in 2^b - 1 steps
         s = 2 * _blocks(qs_in, total).max(dim=1).values / max(cmax, 1.0)
     step = gap_max(qs_in.codebook) / 2 * qs_in.per_element(s).reshape(qs_in.shape) + 2 * delta

@@ -35,6 +35,11 @@ class QuantState:
     8-bit code book and block size the scales themselves were coded with (None without).
     ``input_roundoff``: the unit roundoff of the dtype the quantizer rounds its input to first (bnb
     8-bit quantizes a float16 copy).
+    ``scale_code_steps``: how many gaps of ``scale_codebook`` a coded scale may be off (0.5 for a
+    nearest rounding; 1 for torchao NF4, whose largest deviation is clamped from 128 to 127);
+    ``scale_mean``: ``"global"`` where the offset subtracted before coding the scales is the mean of
+    all the block scales computed in the storage dtype (torchao NF4; its roundings are
+    ``meta_roundoff``), ``"exact"`` for bnb's.
     """
 
     format: str  # e.g. "bnb nf4 b64 dq": what a merge must preserve
@@ -53,6 +58,8 @@ class QuantState:
     decode_roundings: int = 1
     round_zero: bool = False
     zero_optimised: bool = False
+    scale_code_steps: float = 0.5
+    scale_mean: str = "exact"
 
     @property
     def divisor(self) -> float:

@@ -24,10 +24,37 @@ from properties.spec import Example, QuantSpec
 from properties.strategies import Draw, examples
 
 LORA_OPTIONS = frozenset({"multi_adapter", "rslora", "lora_bias"})
-BNB4_BLOCKS = (32, 64, 128, 256)
+BNB4_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Every block size bitsandbytes 0.50's ``quantize_4bit`` takes on CPU (16 raises ``invalid blocksize``);
+linear weights are drawn up to 40 x 40, so 2048 and 4096 are one (short) block."""
 HQQ_GROUPS = (8, 16, 32, 64, 128)
 HQQ_PACKED_GROUPS = {8: 1, 4: 2, 3: 1, 2: 4, 1: 8}  # as properties.targets._hqq_state.PACKED_GROUPS
 MAX_FAN_STEP = 32  # linear fans are drawn up to 40: a step of at most 32 leaves a choice
+NF4_DEFAULT = (64, 256)  # torchao's to_nf4 block_size and scaler_block_size (torchtune's QLoRA)
+NF4_BLOCKS = (16, 32, 64)
+NF4_SCALE_BLOCKS = (4, 16, 64, 256)
+NF4_MAX_LOG_FAN = 7  # fans up to 128: 128 x 128 holds the default 64 x 256 = 16384 elements
+
+
+def nf4_structure(draw: st.DrawFn, options: frozenset[str]) -> tuple[QuantSpec, tuple[int, int]]:
+    """torchao NF4's block sizes and the (in, out) steps its quantizer can take.
+
+    ``NF4Tensor.from_tensor`` (torchao 0.17/0.18) asserts ``numel % block_size == 0`` and, in
+    ``double_quantize_scalers``, ``(numel / block_size) % scaler_block_size == 0``; its decode splits a
+    block in halves (even block sizes). So the weight's size must be a multiple of ``block_size *
+    scaler_block_size`` (16384 with the defaults torchtune uses), which ``in`` and ``out`` are drawn as
+    multiples of a split of. A target declaring ``quant_blocksize`` (torchtune's ``LoRALinear`` passes
+    its ``quantization_kwargs`` to ``to_nf4``) gets other block sizes drawn too."""
+    if "quant_blocksize" in options and not draw(st.booleans(), label="nf4 default blocks"):
+        block = draw(st.sampled_from(NF4_BLOCKS), label="blocksize")
+        scale_block = draw(st.sampled_from(NF4_SCALE_BLOCKS), label="scaler_block_size")
+    else:
+        block, scale_block = NF4_DEFAULT
+    need = (block * scale_block).bit_length() - 1
+    lo, hi = max(0, need - NF4_MAX_LOG_FAN), min(need, NF4_MAX_LOG_FAN)
+    log_in = draw(st.integers(lo, hi), label="log2 in_features step")
+    q = QuantSpec("torchao_nf4", 4, block, double_quant=True, scale_block=scale_block)
+    return q, (2**log_in, 2 ** (need - log_in))
 
 
 def hqq_structure(kind: str, draw: st.DrawFn) -> tuple[QuantSpec, tuple[int, int]]:
@@ -59,7 +86,9 @@ def quantized_examples(draw: st.DrawFn, d: Draw, hostile: bool = False):
     # LLM.int8() (bitsandbytes 8-bit) rejects 1-D inputs (IndexError in int8_vectorwise_quant).
     batch = max(d.min_batch, 1) if d.kind == "bnb_int8" else d.min_batch
     options, steps, q = d.options & LORA_OPTIONS, (1, 1), None
-    if d.kind.startswith("hqq_"):
+    if d.kind == "torchao_nf4":
+        q, steps = nf4_structure(draw, d.options)
+    elif d.kind.startswith("hqq_"):
         q, steps = hqq_structure(d.kind, draw)
         if q.optimize:
             options -= {"multi_adapter"}

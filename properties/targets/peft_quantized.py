@@ -43,6 +43,11 @@ def available() -> tuple[frozenset[str], dict[str, str]]:
         why = f"needs bitsandbytes and transformers ({e}); pip install 'lora-conformance[quant]'"
         return frozenset(), {k: why for k in QUANT_KINDS}
     kinds = set()
+    notes["torchao_nf4"] = (
+        "PEFT has no LoRA layer for torchao's NF4Tensor (torchtune's QLoRA base): it wraps such a layer as "
+        "a plain lora.Linear, whose merge raises 'NotImplementedError: NF4Tensor dispatch: attempting to "
+        "run aten.add_.Tensor' (peft 0.21.2, torchao 0.18); PEFT's 4-bit QLoRA is bnb_nf4"
+    )
     try:
         import torchao.quantization  # noqa: F401
         from peft.tuners.lora import torchao as peft_torchao  # noqa: F401

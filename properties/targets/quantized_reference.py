@@ -2,10 +2,10 @@
 
 The base weight is quantized by bitsandbytes (``quantize_4bit`` / ``int8_vectorwise_quant``, the
 functions its ``Params4bit`` / ``Int8Params`` call), torchao (``quantize_`` with
-``Int8WeightOnlyConfig``) or HQQ (a fresh ``HQQLinear.quantize``, as PEFT's merge does). Everything
-between dequantize and quantize is exact float64: ``V = D(Wq) ± s B A``, checked for finiteness
-*before* anything is written when the merge is safe, then handed to the same quantizer (as float32;
-float16 for 8-bit, as bnb does). Its forward is the float64 answer on the decoded weight, rounded
+``Int8WeightOnlyConfig``; ``to_nf4`` for NF4) or HQQ (a fresh ``HQQLinear.quantize``, as PEFT's merge
+does). Everything between dequantize and quantize is exact float64: ``V = D(Wq) ± s B A``, checked
+for finiteness *before* anything is written when the merge is safe, then handed to the same quantizer
+(as float32; float16 for 8-bit, as bnb does). Its forward is the float64 answer on the decoded weight, rounded
 once. It shows that a correct quantized merge passes the quantized properties;
 ``tests/quant_mutants.py`` breaks it on purpose.
 """
@@ -41,6 +41,10 @@ def quantize(spec: LayerSpec, v: torch.Tensor) -> QuantState:
         from properties.targets._hqq_state import quantize as hqq_quantize
 
         return hqq_quantize(q, v, spec.dtype)
+    if q.kind == "torchao_nf4":
+        from properties.targets._nf4_state import quantize_nf4
+
+        return quantize_nf4(v, spec.dtype, q.block, q.scale_block)
     if q.kind == "torchao_int8":
         from properties.targets._torchao_state import quantize_int8
 
@@ -209,6 +213,13 @@ class QuantizedReferenceTarget:
             layers.add("torchao_int8")
         except ImportError as e:
             notes["torchao_int8"] = f"torchao is not installed ({e})"
+        try:
+            from properties.targets._nf4_state import nf4_module
+
+            nf4_module()
+            layers.add("torchao_nf4")
+        except Unsupported as e:
+            notes["torchao_nf4"] = str(e)
         try:
             from properties.targets._hqq_state import hqq_modules
 

@@ -10,7 +10,8 @@ state dict, where it finds nothing to do.
 
 ``set_enabled(False)`` runs forwards inside torchtune's ``disable_adapter(model)`` context manager.
 DoRA layers get ``initialize_dora_magnitude()`` (as torchtune requires after loading) and then the
-spec's exact magnitude.
+spec's exact magnitude. QLoRA (``quantize_base=True``, the quantized kind ``torchao_nf4``) is
+``torchtune_qlora.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from properties.targets._library import (
     import_or_raise,
 )
 from properties.targets.protocol import Capabilities, Unsupported
+from properties.targets.torchtune_qlora import TorchtuneQLoRAHandle
 
 PIP = "pip install torchtune==0.6.1 torchao==0.17.0  (or: python scripts/envs.py create torchtune)"
 
@@ -144,12 +146,22 @@ class TorchtuneTarget:
     def capabilities(self) -> Capabilities:
         _peft()
         v = distribution_version("torchtune")
+        layers, notes = {"linear"}, {}
+        try:
+            from properties.targets._nf4_state import nf4_module
+
+            nf4_module()
+            layers.add("torchao_nf4")
+        except Unsupported as e:
+            notes["torchao_nf4"] = f"torchtune QLoRA needs torchao's NF4Tensor: {e}"
         return Capabilities(
-            layers=frozenset({"linear"}),
+            layers=frozenset(layers),
             dtypes=frozenset(DTYPES.values()),
-            operations=frozenset({"merge", "disable", "merge_and_unload", "train_forward"}),
-            options=frozenset({"dora", "dropout"}),
+            # merge_to_float: a QLoRA (torchao_nf4) merge exports D(Wq) + delta to a float layer
+            operations=frozenset({"merge", "disable", "merge_and_unload", "train_forward", "merge_to_float"}),
+            options=frozenset({"dora", "dropout", "quant_blocksize"}),
             notes={
+                **notes,
                 **{k: f"torchtune {v}: LoRA/DoRA exist for linear layers only" for k in ("embedding", "mha")},
                 **{k: f"torchtune {v}: no conv LoRA" for k in ("conv1d", "conv2d", "conv3d")},
                 "multi_adapter": f"torchtune {v}: one adapter per layer",
@@ -170,8 +182,13 @@ class TorchtuneTarget:
             },
         )
 
-    def build(self, spec: LayerSpec) -> TorchtuneHandle:
+    def build(self, spec: LayerSpec) -> TorchtuneHandle | TorchtuneQLoRAHandle:
         peft = _peft()
+        if spec.quant is not None and spec.quant.kind == "torchao_nf4":
+            a = spec.adapters[0]
+            if len(spec.adapters) != 1 or a.use_rslora or a.use_dora or a.bias is not None:
+                raise Unsupported("torchtune QLoRA: one plain LoRA adapter per layer")
+            return TorchtuneQLoRAHandle(spec, peft)
         if spec.kind != "linear":
             raise Unsupported(f"torchtune has no LoRA for {spec.kind} layers")
         if spec.fan_in_fan_out or len(spec.adapters) != 1:
