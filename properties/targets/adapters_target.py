@@ -17,7 +17,8 @@ What the library has decides what is declared:
 - **One adapter.** Several active LoRAs are composed (``Stack`` feeds one LoRA's output into the next),
   not added, and ``merge_adapter`` refuses a second merged LoRA, so ``multi_adapter`` is not declared.
 - **Scaling** is ``alpha / r`` (no rsLoRA), no LoRA bias, no scale API, no safe merge, no unload.
-- **Disable** is the active setup set to ``None`` (``set_active_adapters(None)``).
+- **Disable** is ``set_active_adapters(None)``: the layer is reset (a merged LoRA unmerged), then the
+  active setup set to ``None``.
 - **Dropout** is applied to the LoRA input in train mode; **DoRA** is ``LoRAConfig(use_dora=True)``.
 
 The factors are created in the spec's dtype (``LoRAConfig(dtype=...)``) and overwritten with the spec's.
@@ -111,8 +112,11 @@ class AdaptersHandle(OneAdapterHandle):
         raise Unsupported("adapters composes several active LoRAs (Stack) instead of adding them")
 
     def set_enabled(self, enabled: bool) -> None:
+        """What ``model.set_active_adapters(name or None)`` does to each layer: reset (unmerge) the
+        LoRA layer, then set the active setup."""
         from adapters.composition import parse_composition
 
+        self.layer.reset_adapter()
         self.adapters_config.active_setup = parse_composition(self.name) if enabled else None
 
     def set_scale(self, name: str, scale: float) -> None:
