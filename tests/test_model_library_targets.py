@@ -1,8 +1,10 @@
-"""The model half on the library architectures and targets: diffusers (``unet``) and torchtune
-(``torchtune_llama``). Each test skips where its library is missing; run them in the library's env:
+"""The model half on the library architectures and targets: diffusers (``unet``), torchtune
+(``torchtune_llama``) and litgpt (``litgpt``). Each test skips where its library is missing; run them
+in the library's env:
 
     python scripts/envs.py run diffusers -- python -m pytest tests/test_model_library_targets.py
     python scripts/envs.py run torchtune -- python -m pytest tests/test_model_library_targets.py
+    python scripts/envs.py run litgpt -- python -m pytest tests/test_model_library_targets.py
 
 The reference must pass every model property on the new architectures (no false alarm from the conv
 bound or the grouped targets), each library target must run its cells, and a deliberately broken
@@ -18,7 +20,7 @@ import torch
 
 from properties.catalogue import all_properties
 from properties.models import torchtune_llama as tt
-from properties.models.strategies import _grouped_targets, _layout
+from properties.models.strategies import ModelDraw, _layout, _targets
 from properties.profiles import PROFILES
 from properties.runner import Cell, RunOptions, run_cell
 from properties.targets.protocol import Unsupported
@@ -47,28 +49,98 @@ def test_torchtune_groups_follow_lora_llama3_switches() -> None:
     assert tt.group_of("output") == "output"
     assert tt.group_of("tok_embeddings") is None  # no LoRA on the embedding in torchtune
     paths = ("tok_embeddings", "layers.0.attn.k_proj", "layers.0.mlp.w1", "layers.1.attn.k_proj", "output")
-    assert tt.target_groups(paths) == {
-        "k_proj": ["layers.0.attn.k_proj", "layers.1.attn.k_proj"],
-        "mlp": ["layers.0.mlp.w1"],
-        "output": ["output"],
-    }
     assert tt.deep_paths({"num_layers": 2}, paths) == ["layers.1.attn.k_proj"]
 
 
+def test_grouped_architecture_rule_is_stated_as_model_capabilities() -> None:
+    """torchtune's rule reaches the strategies as ``ModelCapabilities`` fields, as a target's would."""
+    from properties.models import architectures as archs
+    from properties.models.protocol import ModelCapabilities, full_model_capabilities
+
+    caps = archs.drawable(full_model_capabilities(), "torchtune_llama")
+    assert isinstance(caps, ModelCapabilities) and caps.uniform_rank
+    assert caps.group_of("torchtune_llama", "layers.1.mlp.w2") == "mlp"
+    assert caps.group_of("torchtune_llama", "tok_embeddings") is None
+    assert archs.drawable(full_model_capabilities(), "llama") == full_model_capabilities()
+
+
 def test_grouped_targets_take_whole_groups_and_the_deep_one() -> None:
+    """Whatever is drawn, every group is taken whole or not at all, a forced path brings its group, and
+    a module no switch adapts is never drawn: one draw decides one group."""
     from hypothesis import given
     from hypothesis import strategies as st
 
-    groups = {"q_proj": ["l0.q", "l1.q"], "mlp": ["l0.w1", "l1.w1"], "output": ["output"]}
+    paths = ("l0.q", "l0.w1", "l1.q", "l1.w1", "output")
+    groups = {"l0.q": "q", "l1.q": "q", "l0.w1": "mlp", "l1.w1": "mlp", "output": "output"}
+    d = ModelDraw("x", torch.float32, frozenset(), group_of=lambda _a, p: groups[p])
 
     @given(st.data())
     def check(data) -> None:
-        chosen = data.draw(st.composite(lambda draw: _grouped_targets(draw, groups, ["l1.w1"]))())
-        assert chosen and {"l0.w1", "l1.w1"} <= set(chosen)
-        for members in groups.values():
-            assert set(members) <= set(chosen) or not set(members) & set(chosen)
+        labels: list[str] = []
+
+        def draw(strategy, label=None):
+            labels.append(label)
+            return data.draw(strategy)
+
+        chosen = _targets(draw, d, "x", ["l1.w1"], ["l0.q", "l1.q", "output"], paths)
+        assert {"l0.w1", "l1.w1"} <= set(chosen)
+        for g in set(groups.values()):
+            members = {p for p in paths if groups[p] == g}
+            assert members <= set(chosen) or not members & set(chosen)
+        assert labels == ["target l0.q", "target output"]  # l1.q is decided by l0.q's draw
 
     check()
+
+
+# -- every library architecture: the reference passes, each library target runs or says why ----------
+
+# (architecture, the library it needs, a dtype): the reference's cells on each library architecture.
+REFERENCE_CELLS = [
+    *(("unet", "diffusers", d) for d in ("float32", "bfloat16")),
+    *(("torchtune_llama", "torchtune", d) for d in ("float32", "bfloat16")),
+    *(("litgpt", "litgpt", d) for d in ("float32", "float16")),
+]
+
+
+@pytest.mark.parametrize("prop", MODEL_PROPS)
+@pytest.mark.parametrize(("arch", "library", "dtype"), REFERENCE_CELLS)
+def test_reference_passes_model_properties_on_library_architectures(
+    arch: str, library: str, dtype: str, prop: str
+) -> None:
+    """No false alarm from the conv bound, the grouped targets or litgpt's fused qkv LoRA."""
+    _needs(library)
+    from properties.models.targets.reference import TARGET
+
+    result = _run(TARGET, prop, arch, dtype)
+    expected = "skipped" if prop == "model_tied_weights" else "passed"  # none of them ties weights
+    assert result.status == expected, f"{prop} {arch} {dtype}: {result.message}\n{result.example}"
+
+
+# What torchtune and litgpt lack at model level: no unload, no in-place unmerge (their merges are
+# checkpoint exports), one adapter, no safe merge, no tied weights.
+CHECKPOINT_MERGE_LACKS = {
+    "model_unload_restores_base",
+    "model_merge_unmerge",
+    "model_adapter_isolation",
+    "model_safe_merge",
+    "model_tied_weights",
+}
+
+
+@pytest.mark.parametrize("prop", MODEL_PROPS)
+@pytest.mark.parametrize(("library", "arch"), [("torchtune", "torchtune_llama"), ("litgpt", "litgpt")])
+def test_checkpoint_merge_model_targets_run_or_say_why(library: str, arch: str, prop: str) -> None:
+    _needs(library)
+    import importlib
+
+    target = importlib.import_module(f"properties.models.targets.{library}").TARGET
+    result = _run(target, prop, arch, "float32")
+    if prop in CHECKPOINT_MERGE_LACKS:
+        assert result.status == "skipped" and result.message, result.message
+    else:
+        assert result.status == "passed", f"{prop}: {result.message}\n{result.example}"
+        if prop == "model_merge_equivalence":
+            assert result.max_ratio > 0  # the merged modules were compared, not skipped
 
 
 # -- diffusers: the unet architecture -----------------------------------------------------------------
@@ -94,17 +166,6 @@ def test_unet_layout_has_conv_modules_with_their_geometry() -> None:
     )
     _, small, _ = _layout("unet", tuple(sorted(unet.fewer_layers(config).items())))
     assert not set(deep) & set(small)  # an adapter on a deep path does not fit the smaller UNet
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("prop", MODEL_PROPS)
-def test_reference_passes_model_properties_on_unet(prop: str, dtype: str) -> None:
-    _needs("diffusers")
-    from properties.models.targets.reference import TARGET
-
-    result = _run(TARGET, prop, "unet", dtype)
-    expected = "skipped" if prop == "model_tied_weights" else "passed"  # the UNet has no tied weights
-    assert result.status == expected, f"{prop} unet {dtype}: {result.message}\n{result.example}"
 
 
 @pytest.mark.parametrize(
@@ -159,36 +220,6 @@ def test_broken_diffusers_fuse_is_caught() -> None:
 # -- torchtune: the torchtune_llama architecture ------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("prop", MODEL_PROPS)
-def test_reference_passes_model_properties_on_torchtune_llama(prop: str, dtype: str) -> None:
-    _needs("torchtune")
-    from properties.models.targets.reference import TARGET
-
-    result = _run(TARGET, prop, "torchtune_llama", dtype)
-    expected = "skipped" if prop == "model_tied_weights" else "passed"
-    assert result.status == expected, f"{prop} torchtune_llama {dtype}: {result.message}\n{result.example}"
-
-
-@pytest.mark.parametrize("prop", MODEL_PROPS)
-def test_torchtune_model_target_runs_or_says_why(prop: str) -> None:
-    _needs("torchtune")
-    from properties.models.targets.torchtune import TARGET
-
-    result = _run(TARGET, prop, "torchtune_llama", "float32")
-    lacking = {
-        "model_unload_restores_base",
-        "model_merge_unmerge",  # no in-place unmerge
-        "model_adapter_isolation",
-        "model_safe_merge",
-        "model_tied_weights",
-    }
-    if prop in lacking:
-        assert result.status == "skipped" and result.message, result.message
-    else:
-        assert result.status == "passed", f"{prop}: {result.message}\n{result.example}"
-
-
 def test_broken_torchtune_merge_is_caught() -> None:
     """get_merged_lora_ckpt called with the wrong alpha: model_merge_equivalence fails."""
     _needs("torchtune")
@@ -210,10 +241,10 @@ def test_torchtune_refuses_an_adapter_for_a_missing_layer(tmp_path) -> None:
     from hypothesis import given, settings
 
     from properties.models.checks import _fewer_layers
-    from properties.models.strategies import ModelDraw, model_examples
+    from properties.models.strategies import model_draw, model_examples
     from properties.models.targets.torchtune import TARGET
 
-    draw = ModelDraw("torchtune_llama", torch.float32, frozenset(), deep_target=True)
+    draw = model_draw(TARGET.capabilities(), "torchtune_llama", torch.float32, frozenset(), deep_target=True)
 
     @settings(max_examples=3, deadline=None, database=None)
     @given(model_examples(draw))
@@ -260,38 +291,6 @@ def test_litgpt_fused_qkv_lora_is_block_diagonal_in_canonical_form() -> None:
     assert stored.shape == (6, 2)  # litgpt's lora_B: the enabled rows, r columns
     assert torch.equal(_qkv_canonical(config, stored, 2, 8), B)
     assert lg.lora_structure("transformer.h.0.attn.proj", config, 2, 1.5, 8) == (2, 1.5, None)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("prop", MODEL_PROPS)
-def test_reference_passes_model_properties_on_litgpt(prop: str, dtype: str) -> None:
-    _needs("litgpt")
-    from properties.models.targets.reference import TARGET
-
-    result = _run(TARGET, prop, "litgpt", dtype)
-    expected = "skipped" if prop == "model_tied_weights" else "passed"
-    assert result.status == expected, f"{prop} litgpt {dtype}: {result.message}\n{result.example}"
-
-
-@pytest.mark.parametrize("prop", MODEL_PROPS)
-def test_litgpt_model_target_runs_or_says_why(prop: str) -> None:
-    _needs("litgpt")
-    from properties.models.targets.litgpt import TARGET
-
-    result = _run(TARGET, prop, "litgpt", "float32")
-    lacking = {
-        "model_unload_restores_base",
-        "model_merge_unmerge",  # no in-place unmerge
-        "model_adapter_isolation",
-        "model_safe_merge",
-        "model_tied_weights",
-    }
-    if prop in lacking:
-        assert result.status == "skipped" and result.message, result.message
-    else:
-        assert result.status == "passed", f"{prop}: {result.message}\n{result.example}"
-        if prop == "model_merge_equivalence":
-            assert result.max_ratio > 0  # the merged modules were compared, not skipped
 
 
 def test_broken_litgpt_export_is_caught() -> None:

@@ -5,7 +5,9 @@ A tiny BERT, DoRA on intermediate.dense with r=2, alpha=1 (scaling 1/2), random 
 (PEFT's definition; the bias is not rescaled). adapters 1.3.0:
   1. the forward normalises by ||W + B A|| (the scaling s left out) and rescales the bias too;
   2. so merge_adapter (nearly DoRA's merged weight) and the unmerged forward disagree: merged != unmerged;
-  3. reset_adapter after a DoRA merge computes the unmerged weight and never writes it back.
+  3. reset_adapter after a DoRA merge computes the unmerged weight and never writes it back;
+  4. on GPT-2 (Conv1D, fan_in_fan_out) the magnitude is taken from the rows of the stored (in, out)
+     weight: add_adapter crashes when in != out (every GPT-2 MLP module).
 Prints each check and OK/FAIL; exits 1 while any is present.
 """
 
@@ -54,6 +56,17 @@ with torch.no_grad():
 print(f"1. forward vs DoRA (scaling {s}): max error {fwd_err:.3g}")
 print(f"2. merged vs unmerged output: max difference {merge_err:.3g} (merged vs DoRA: {merged_exact:.3g})")
 print(f"3. weight after merge_adapter + reset_adapter vs original: max difference {reset_err:.3g}")
-bad = fwd_err > 1e-5 or merge_err > 1e-5 or reset_err > 1e-5
+gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=4, n_head=1, n_layer=1, vocab_size=8))
+adapters.init(gpt2)
+try:
+    gpt2.add_adapter(
+        "d",
+        config=adapters.LoRAConfig(r=2, alpha=1, selfattn_lora=False, intermediate_lora=True, use_dora=True),
+    )
+    gpt2_error = None
+except RuntimeError as e:
+    gpt2_error = f"{type(e).__name__}: {e}"
+print(f"4. DoRA on GPT-2's mlp.c_fc (Conv1D 4 -> 16): {gpt2_error or 'added'}")
+bad = fwd_err > 1e-5 or merge_err > 1e-5 or reset_err > 1e-5 or gpt2_error is not None
 print("FAIL" if bad else "OK")
 sys.exit(1 if bad else 0)

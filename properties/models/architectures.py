@@ -39,8 +39,8 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
 
 # Architectures that are not transformers models: the module that builds, feeds and loads each one
 # (``construct``, ``draw_config``, ``draw_inputs``, ``deep_paths``, ``fewer_layers``,
-# ``save_pretrained``, ``from_pretrained``, ``missing``; optionally ``target_groups`` and
-# ``UNIFORM_RANK`` where the library states LoRA per kind of module, and ``lora_structure`` where its
+# ``save_pretrained``, ``from_pretrained``, ``missing``; optionally ``capabilities(caps)`` where the
+# library states LoRA per kind of module (see :func:`drawable`), and ``lora_structure`` where its
 # LoRA on a module has a fixed zero pattern; see ``properties/models/unet.py``).
 FAMILIES: dict[str, str] = {
     "unet": "properties.models.unet",
@@ -53,6 +53,14 @@ def family(arch: str) -> ModuleType | None:
     """The module describing a non-transformers architecture, or None for a transformers one."""
     path = FAMILIES.get(arch)
     return importlib.import_module(path) if path else None
+
+
+def drawable(caps: Any, arch: str) -> Any:
+    """What the strategies may draw on ``arch`` for a target with ``caps``: the target's own rules
+    (``ModelCapabilities``) and, on an architecture whose library configures LoRA per kind of module,
+    that library's rule too, stated in the same fields by the family's ``capabilities(caps)``."""
+    narrow = getattr(family(arch), "capabilities", None)
+    return caps if narrow is None else narrow(caps)
 
 
 def missing() -> str | None:

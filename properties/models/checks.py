@@ -26,7 +26,7 @@ from properties.models import architectures as archs
 from properties.models.oracle import adapter_numel, layer_spec, weighted_cat_spec
 from properties.models.protocol import MODEL_OPTIONS, model_target_for
 from properties.models.spec import ARCHITECTURES, TIED_ARCHITECTURES, ModelExample, ModelSpec
-from properties.models.strategies import ModelDraw, layout, model_examples
+from properties.models.strategies import ModelDraw, layout, model_draw, model_examples
 from properties.precision import Expected, forward_expected, roundtrip_expected, weights_expected
 from properties.spec import LayerSpec
 from properties.targets.protocol import Unsupported
@@ -34,16 +34,7 @@ from properties.targets.protocol import Unsupported
 
 def _draw(**kw) -> Callable:
     def make(caps, arch, dtype) -> ModelDraw:
-        rules = {k: getattr(caps, k, None) for k in ("targetable", "closure")}
-        uniform = bool(getattr(caps, "uniform_rank", False))
-        return ModelDraw(
-            architecture=arch,
-            dtype=dtype,
-            options=caps.options & MODEL_OPTIONS,
-            uniform_rank=uniform,
-            **rules,
-            **kw,
-        )
+        return model_draw(caps, arch, dtype, caps.options & MODEL_OPTIONS, **kw)
 
     return make
 

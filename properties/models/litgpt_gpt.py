@@ -4,7 +4,7 @@ tiny ``Config``, built in memory; ``litgpt.lora.GPT`` is its LoRA twin.
 litgpt states LoRA per kind of module with one ``lora_r`` and ``lora_alpha`` for the model:
 ``lora_query`` / ``lora_key`` / ``lora_value`` (the fused ``attn.qkv``), ``lora_projection``
 (``attn.proj`` in every layer), ``lora_mlp`` (``fc_1``, ``fc_2``, ``mlp.proj``) and ``lora_head``
-(``lm_head``), drawn here as groups (:func:`target_groups`) with ``UNIFORM_RANK``.
+(``lm_head``), drawn here as whole groups with one rank and alpha (:func:`capabilities`).
 
 The fused ``attn.qkv`` (``LoRAQKVLinear``) puts one rank-r pair on each enabled block of rows (q, k, v;
 which ones is drawn into the config as ``lora_qkv``). In canonical form that is one LoRA of the fused
@@ -28,11 +28,12 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from properties.models.families import group_paths, one_layer_fewer
+from properties.models.families import narrowed, one_layer_fewer
+from properties.models.protocol import ModelCapabilities
+from properties.targets.protocol import Capabilities
 
 ARCHITECTURE = "litgpt"
 LAYERS_KEY = "n_layer"
-UNIFORM_RANK = True  # one lora_r / lora_alpha per model
 GROUPS = {"projection": "lora_projection", "mlp": "lora_mlp", "head": "lora_head"}  # and "qkv"
 CONFIG_FILE, WEIGHTS_FILE = "model_config.json", "lit_model.pth"
 
@@ -152,8 +153,10 @@ def group_of(path: str) -> str | None:
     return None
 
 
-def target_groups(paths: tuple[str, ...]) -> dict[str, list[str]]:
-    return group_paths(paths, group_of)
+def capabilities(caps: Capabilities) -> ModelCapabilities:
+    """What is drawn on this architecture for a target with ``caps``: litgpt's LoRA switches, each
+    adapting a whole group (:func:`group_of`), and one rank and alpha for the model."""
+    return narrowed(caps, group_of=group_of, uniform_rank=True)
 
 
 def deep_paths(config: dict[str, object], paths: tuple[str, ...]) -> list[str]:

@@ -54,15 +54,23 @@ can go on one module of a tied pair (input embedding / ``lm_head``), which ``mod
 class ModelCapabilities(Capabilities):
     """A model target's capabilities, with what it can put a LoRA on when that is not every module.
 
+    These fields are the one way a rule about targets is stated, by a target (adapter-hub ``adapters``
+    selects modules by location and layer) or by an architecture whose library configures LoRA per kind
+    of module (torchtune, litgpt: see :func:`properties.models.architectures.drawable`):
+
     ``targetable(architecture, paths)``: the module paths the library can adapt (default: all);
     ``closure(architecture, chosen)``: the smallest set of paths containing ``chosen`` that one adapter
     of the library can target (a library configured by module kind and layer adapts whole kinds ×
-    layers); ``uniform_rank``: one ``r`` and ``alpha`` per adapter (no per-module pattern). The model
-    strategies draw only what these allow, so a library's cells test what it can express."""
+    layers); ``group_of(architecture, path)``: the switch that adapts ``path`` (None: none does), where
+    one switch adapts every module of its group, so a chosen path brings its whole group (a closure
+    that needs the model's paths, which is why it is a function of one path and not a ``closure``);
+    ``uniform_rank``: one ``r`` and ``alpha`` per adapter (no per-module pattern). The model strategies
+    draw only what these allow, so a library's cells test what it can express."""
 
     targetable: Callable[[str, tuple[str, ...]], tuple[str, ...]] | None = None
     closure: Callable[[str, list[str]], list[str]] | None = None
     uniform_rank: bool = False
+    group_of: Callable[[str, str], str | None] | None = None
 
 
 def full_model_capabilities() -> Capabilities:

@@ -50,6 +50,23 @@ class ModelDraw:
     targetable: Callable[[str, tuple[str, ...]], tuple[str, ...]] | None = None
     closure: Callable[[str, list[str]], list[str]] | None = None
     uniform_rank: bool = False
+    group_of: Callable[[str, str], str | None] | None = None  # one switch adapts a whole group
+
+
+def model_draw(caps, arch: str, dtype: torch.dtype, options: frozenset[str] | None = None, **kw) -> ModelDraw:
+    """The draw for a target with ``caps`` on ``arch``: its options (``caps.options`` unless given) and
+    the rules on what one adapter can target, the target's own and the architecture library's
+    (:func:`properties.models.architectures.drawable`), which reach the strategies only this way."""
+    caps = archs.drawable(caps, arch)
+    rules = {k: getattr(caps, k, None) for k in ("targetable", "closure", "group_of")}
+    return ModelDraw(
+        architecture=arch,
+        dtype=dtype,
+        options=caps.options if options is None else options,
+        uniform_rank=bool(getattr(caps, "uniform_rank", False)),
+        **rules,
+        **kw,
+    )
 
 
 def _config(draw: st.DrawFn, arch: str, min_layers: int) -> dict[str, object]:
@@ -155,26 +172,60 @@ def layout(spec: ModelSpec) -> tuple[dict, tuple[str, ...], dict]:
     return _layout(spec.architecture, tuple(sorted(spec.config.items())))
 
 
-def _subset(draw: st.DrawFn, items: list[str], label: str) -> list[str]:
-    """A non-empty subset, shrinking toward the first item alone."""
-    chosen = [p for p in items if draw(_BOOL, label=f"{label} {p}")]
-    return chosen or [items[draw(_ints(0, len(items) - 1), label=label)]]
+def _closed(d: ModelDraw, arch: str, chosen: list[str], paths: tuple[str, ...]) -> list[str]:
+    """``chosen`` grown to a set one adapter of the target can hold, in model order: the target's
+    ``closure`` and the ``group_of`` rule (a chosen path brings its group), applied until stable."""
+    if d.closure is None and d.group_of is None:
+        return [p for p in paths if p in set(chosen)]
+    out = set(chosen)
+    while True:
+        grown = set(out)
+        if d.closure is not None:
+            grown |= set(d.closure(arch, [p for p in paths if p in grown]))
+        if d.group_of is not None:
+            groups = {d.group_of(arch, p) for p in grown}
+            grown |= {p for p in paths if d.group_of(arch, p) in groups}
+        if grown == out:
+            return [p for p in paths if p in out]
+        out = grown
 
 
-def _grouped_targets(draw: st.DrawFn, groups: dict[str, list[str]], deep: list[str]) -> list[str]:
-    """A non-empty subset of the groups (one holding a ``deep`` path among them when asked), expanded."""
-    names = list(groups)
-    forced = [g for g in names if set(groups[g]) & set(deep)]
-    chosen = [forced[draw(_ints(0, len(forced) - 1), label="deep group")]] if forced else []
-    chosen += [g for g in names if g not in chosen and draw(_BOOL, label=f"target group {g}")]
+def _distinct(d: ModelDraw, arch: str, candidates: list[str], paths: tuple[str, ...]) -> list[str]:
+    """One candidate per distinct closure (the first): choosing among them is choosing among what one
+    adapter can target (with groups, one path per group), not among paths that mean the same."""
+    if d.closure is None and d.group_of is None:
+        return list(candidates)
+    seen: set[frozenset[str]] = set()
+    out = []
+    for p in candidates:
+        c = frozenset(_closed(d, arch, [p], paths))
+        if c not in seen:
+            seen.add(c)
+            out.append(p)
+    return out
+
+
+def _targets(
+    draw: st.DrawFn, d: ModelDraw, arch: str, forced: list[str], optional: list[str], paths, label="target"
+) -> list[str]:
+    """``forced`` plus a drawn subset of ``optional``, closed. A path is drawn only while it still
+    decides something: not when the closure already holds it, nor when choosing it would bring back
+    a path already declined (with groups, one draw per group; without a closure, one per path)."""
+    chosen, declined = list(forced), set()
+    rules = d.closure is not None or d.group_of is not None
+    for p in optional:
+        if rules and (
+            p in _closed(d, arch, chosen, paths) or declined & set(_closed(d, arch, [*chosen, p], paths))
+        ):
+            continue
+        if draw(_BOOL, label=f"{label} {p}"):
+            chosen.append(p)
+        else:
+            declined.add(p)
     if not chosen:
-        chosen = [names[draw(_ints(0, len(names) - 1), label="target group")]]
-    return [p for g in chosen for p in groups[g]]
-
-
-def _closed(d: ModelDraw, arch: str, chosen: list[str]) -> list[str]:
-    """``chosen`` grown to a set one adapter of the target can hold (``ModelCapabilities.closure``)."""
-    return list(chosen) if d.closure is None else list(d.closure(arch, list(chosen)))
+        pick = _distinct(d, arch, optional, paths)
+        chosen = [pick[draw(_ints(0, len(pick) - 1), label=label)]]
+    return _closed(d, arch, chosen, paths)
 
 
 def _modules_plan(
@@ -200,6 +251,8 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     shapes, paths, facts = _layout(arch, tuple(sorted(config.items())))
     if d.targetable is not None:
         paths = tuple(p for p in paths if p in set(d.targetable(arch, paths)))
+    if d.group_of is not None:  # a module no switch adapts cannot be targeted
+        paths = tuple(p for p in paths if d.group_of(arch, p) is not None)
     ties = archs.TIES[arch]
     # a tie neither side of which the target can adapt is not drawn as a tied target
     drawable_ties = tuple(t for t in ties if t[0] in paths or t[1] in paths)
@@ -208,40 +261,32 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
         t: draw(_ints(lo, hi), label=f"log2|{t}|") for t, lo, hi in (("W", -1, 1), ("A", -2, 1), ("B", -2, 1))
     }
 
-    grouped = getattr(fam, "target_groups", None)
+    pool = list(paths)
     forced: list[str] = []  # paths a property needs targeted (a tied or a deep one)
-    if grouped is not None:  # the library states LoRA per kind of module (torchtune)
-        deep = fam.deep_paths(config, paths) if d.deep_target else []
-        targets = _grouped_targets(draw, grouped(paths), deep)
-    else:
-        pool = list(paths)
-        if d.tied_target and drawable_ties:
-            a, b = (
-                drawable_ties[draw(_ints(0, len(drawable_ties) - 1))]
-                if len(drawable_ties) > 1
-                else drawable_ties[0]
-            )
-            keep, twin = (a, b) if draw(_BOOL, label="tied: embedding side") else (b, a)
-            pool = [p for p in paths if p not in (keep, twin)]
-            forced = [keep]
-        if d.deep_target:
-            if fam is not None:
-                deep = [p for p in fam.deep_paths(config, tuple(pool)) if p not in forced]
-            else:
-                last = config.get("num_hidden_layers", config.get("n_layer"))
-                deep = [p for p in pool if f".{int(last) - 1}." in p and p not in forced]
-            forced.append(deep[draw(_ints(0, len(deep) - 1), label="deep target")])
-        optional = [p for p in pool if p not in forced]
-        targets = forced + ([p for p in optional if draw(_BOOL, label=f"target {p}")] if optional else [])
-        if not targets:
-            targets = [optional[draw(_ints(0, len(optional) - 1), label="target")]]
-    targets = [p for p in paths if p in _closed(d, arch, targets)]  # model order
+    if d.tied_target and drawable_ties:
+        a, b = (
+            drawable_ties[draw(_ints(0, len(drawable_ties) - 1))]
+            if len(drawable_ties) > 1
+            else drawable_ties[0]
+        )
+        keep, twin = (a, b) if draw(_BOOL, label="tied: embedding side") else (b, a)
+        pool = [p for p in paths if p not in (keep, twin)]
+        forced = [keep]
+    if d.deep_target:
+        if fam is not None:
+            deep = [p for p in fam.deep_paths(config, tuple(pool)) if p not in forced]
+        else:
+            last = config.get("num_hidden_layers", config.get("n_layer"))
+            deep = [p for p in pool if f".{int(last) - 1}." in p and p not in forced]
+        deep = _distinct(d, arch, deep, paths)
+        forced.append(deep[draw(_ints(0, len(deep) - 1), label="deep target")])
+    targets = _targets(draw, d, arch, forced, [p for p in pool if p not in forced], paths)
 
     multi = "multi_adapter" in d.options
     n = draw(_ints(d.min_adapters, d.max_adapters if multi else 1), label="adapters")
     plans = []
     for i in range(n):
-        mods = targets if i == 0 else _closed(d, arch, _subset(draw, targets, f"adapter {i} targets"))
+        mods = targets if i == 0 else _targets(draw, d, arch, [], targets, paths, f"adapter {i} targets")
         plans.append(_adapter_plan(draw, ADAPTER_NAMES[i], mods, facts, d, n, forced))
     saved: list[str] = []
     if "modules_to_save" in d.options:
@@ -255,7 +300,7 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
     extra_plan = None
     if d.extra:
         extra_pool = [p for p in paths if p not in saved]
-        extra_mods = _closed(d, arch, _subset(draw, extra_pool, "extra targets"))
+        extra_mods = _targets(draw, d, arch, [], extra_pool, paths, "extra targets")
         extra_plan = _adapter_plan(draw, EXTRA_NAME, extra_mods, facts, d, 2)
 
     if fam is None:
@@ -302,8 +347,7 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
 
 
 def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int, forced=()) -> dict:
-    uniform = d.uniform_rank or getattr(archs.family(d.architecture), "UNIFORM_RANK", False)
-    modules = _modules_plan(draw, mods, facts, uniform)
+    modules = _modules_plan(draw, mods, facts, d.uniform_rank)
     rslora = "rslora" in d.options and draw(_BOOL, label="rslora")
     dora = "dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora")
     # A LoRA bias needs a base bias to merge into (PEFT refuses it on embeddings and cannot merge it

@@ -5,8 +5,8 @@ torchtune states LoRA per *kind* of module, not per module: ``lora_attn_modules`
 ``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``, in every layer), ``apply_lora_to_mlp`` (``w1``,
 ``w2``, ``w3`` in every layer) and ``apply_lora_to_output``, with one ``lora_rank`` and one
 ``lora_alpha`` for the whole model (``get_merged_lora_ckpt(state_dict, rank, alpha)`` takes one pair
-too). So this architecture draws its targets as such groups (:func:`target_groups`) and one rank and
-alpha per adapter (``UNIFORM_RANK``); the token embedding cannot carry a LoRA in torchtune.
+too). So this architecture draws its targets as such groups and one rank and alpha per adapter
+(:func:`capabilities`); the token embedding cannot carry a LoRA in torchtune.
 
 The forward takes ``tokens`` only: torchtune's mask argument is a full (batch, seq, seq) mask, not a
 padding mask, so no padding is drawn. The family needs ``torchtune`` (``python scripts/envs.py create
@@ -27,11 +27,12 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from properties.models.families import group_paths, one_layer_fewer
+from properties.models.families import narrowed, one_layer_fewer
+from properties.models.protocol import ModelCapabilities
+from properties.targets.protocol import Capabilities
 
 ARCHITECTURE = "torchtune_llama"
 LAYERS_KEY = "num_layers"
-UNIFORM_RANK = True  # one lora_rank / lora_alpha per model (the builders and get_merged_lora_ckpt)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "output_proj")
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -116,8 +117,10 @@ def group_of(path: str) -> str | None:
     return "output" if path == "output" else None
 
 
-def target_groups(paths: tuple[str, ...]) -> dict[str, list[str]]:
-    return group_paths(paths, group_of)
+def capabilities(caps: Capabilities) -> ModelCapabilities:
+    """What is drawn on this architecture for a target with ``caps``: torchtune's LoRA switches, each
+    adapting a whole group (:func:`group_of`), and one rank and alpha for the model."""
+    return narrowed(caps, group_of=group_of, uniform_rank=True)
 
 
 def deep_paths(config: dict[str, object], paths: tuple[str, ...]) -> list[str]:

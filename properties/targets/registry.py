@@ -17,7 +17,7 @@ BUILTIN = {
     "litgpt": "properties.targets.litgpt_target:TARGET",
     "diffusers": "properties.targets.diffusers_target:TARGET",
     "lycoris": "properties.targets.lycoris_target:TARGET",
-    "adapters": "properties.models.targets.adapterhub:TARGET",  # adapter-hub `adapters`: model level
+    "adapters": "properties.targets.adapters_target:TARGET",  # adapter-hub `adapters` (model half by name)
     "keras": "properties.targets.keras_target:TARGET",  # Keras 3, KERAS_BACKEND=torch
 }
 
