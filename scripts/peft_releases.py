@@ -108,7 +108,8 @@ def repro(versions: list[str], json_path: str | None, only: str = "*") -> int:
         if not python.exists():
             print(f"peft {v}: no env (python scripts/peft_envs.py create {v})", file=sys.stderr)
             continue
-        cmd = ["nice", "-n", "10", str(python), "-W", "ignore", "-c", _DRIVER, *map(str, scripts)]
+        relative = str(max(0, 10 - os.nice(0)))  # niceness 10 whatever this script's own
+        cmd = ["nice", "-n", relative, str(python), "-W", "ignore", "-c", _DRIVER, *map(str, scripts)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=_venv.REPO)
         marker = next((ln for ln in p.stdout.splitlines() if ln.startswith("@@REPRO@@")), None)
         if marker is None:
