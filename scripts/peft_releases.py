@@ -242,8 +242,14 @@ def table(out: Path) -> str:
         bad = [f"{p} ({n})" for p, n in sorted(per_property.items())]
         unmatched = [u for u in h.get("unmatched_xfails", []) if " when " in u]
         cv, cr, ev, er = xfail_split(report)
+        # A gate stopped early (Ctrl-C) still writes complete reports of the cells it finished: say so.
+        status = (
+            f"{wall['exit']}, stopped after {len(report['cells'])} cells"
+            if h.get("interrupted")
+            else wall["exit"]
+        )
         lines.append(
-            f"| {d.name} | {wall['exit']} | {c['passed']} | {c['failed']} | {c['xfailed']} ({cv} + {cr}) "
+            f"| {d.name} | {status} | {c['passed']} | {c['failed']} | {c['xfailed']} ({cv} + {cr}) "
             f"| {ev + er} ({ev} + {er}) | {c['skipped']} | {c['error']} | {len(applied)} ({len(by_range)}) "
             f"| {len(unmatched)} | {'; '.join(bad) if bad else 'none'} | {_wall(wall)} | {_extra(wall)} |"
         )
