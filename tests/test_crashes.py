@@ -255,3 +255,23 @@ def test_peft_with_a_broken_dependency_is_not_reported_as_missing():
     assert "`peft` " in out.stderr and " is installed but `import peft` fails" in out.stderr, out.stderr
     assert "yaml" in out.stderr
     assert "needs the `peft` package" not in out.stderr
+
+
+def test_a_flaky_error_after_the_cell_deadline_is_a_hang_not_a_failure():
+    """Under load, the cell's CellTimeout can fire inside Hypothesis' own bookkeeping, which then reports
+    "Inconsistent data generation" (Flaky): past the deadline that is the cell running out of time."""
+    import time
+
+    from hypothesis.errors import Flaky
+
+    from properties.runner import CellTimeout, _out_of_time, _Watchdog
+
+    expired = _Watchdog(0.05, 0)
+    with pytest.raises(CellTimeout), expired:
+        time.sleep(5)
+    assert _out_of_time(Flaky("Inconsistent data generation!"), expired)
+    assert not _out_of_time(ValueError("a real crash"), expired)  # only Flaky is reinterpreted
+    in_time = _Watchdog(600, 0)
+    with in_time:
+        pass
+    assert not _out_of_time(Flaky("Inconsistent data generation!"), in_time)  # a real flaky failure

@@ -141,3 +141,28 @@ def test_snapshot_reads_a_magnitude_store_that_is_none_as_empty():
     got = handle.snapshot()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], v) for k, v in expected.items() if isinstance(v, torch.Tensor))
+
+
+class _RefusingPeftModel:
+    """PEFT 0.7's ``_unloading_checks``: several active adapters with ``modules_to_save`` are refused."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def merge_and_unload(self, safe_merge=False):
+        raise ValueError(self.message)
+
+    def unload(self):
+        raise ValueError(self.message)
+
+
+def test_peft_0_7_refusing_to_unload_several_modules_to_save_adapters_is_unsupported(monkeypatch):
+    _old_peft(monkeypatch)
+    refusing = _RefusingPeftModel("Cannot unload multiple adapters that specify `modules_to_save`.")
+    handle = peft_model.PeftModelHandle(refusing, peft_wrapped=True)
+    for call in (handle.merge_and_unload, handle.unload):
+        with pytest.raises(Unsupported, match="peft 0.7.1: Cannot unload multiple adapters"):
+            call()
+    other = peft_model.PeftModelHandle(_RefusingPeftModel("something else broke"), peft_wrapped=True)
+    with pytest.raises(ValueError, match="something else broke"):  # any other error stays a crash
+        other.merge_and_unload()

@@ -68,3 +68,29 @@ def test_table_row_shows_the_split_and_the_failing_properties(tmp_path):
     assert row.startswith(
         "| 0.7.1 | 1 | 2 | 1 | 2 (1 + 1) | 8 (5 + 3) | 0 | 0 | 4 (2) | 0 | merge_order (1) | 12 s |"
     )
+
+
+def test_table_row_says_the_load_and_the_arguments_of_the_run(tmp_path):
+    d = tmp_path / "0.10.0"
+    d.mkdir()
+    (d / "report.json").write_text(json.dumps(_report()))
+    wall = {"version": "0.10.0", "exit": 0, "wall_s": 625.4, "load_min": 9.2, "load_max": 14.6}
+    (d / "wall.json").write_text(json.dumps(wall | {"extra": ["--properties", "model_*"]}))
+    row = peft_releases.table(tmp_path).splitlines()[-1]
+    assert row.endswith("| 625 s (load 9–15) | `--properties model_*` |")
+    (d / "wall.json").write_text(json.dumps({"version": "0.10.0", "exit": 0, "wall_s": 625.4}))
+    assert peft_releases.table(tmp_path).splitlines()[-1].endswith("| 625 s | ? |")  # older records
+
+
+def test_a_gate_stopped_early_says_how_many_cells_it_finished(tmp_path):
+    d = tmp_path / "0.14.0"
+    d.mkdir()
+    report = _report()
+    report["header"]["interrupted"] = True
+    (d / "report.json").write_text(json.dumps(report))
+    (d / "wall.json").write_text(json.dumps({"version": "0.14.0", "exit": 130, "wall_s": 3000.0}))
+    assert (
+        peft_releases.table(tmp_path)
+        .splitlines()[-1]
+        .startswith("| 0.14.0 | 130, stopped after 5 cells | 2 |")
+    )
