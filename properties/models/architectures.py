@@ -35,6 +35,7 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
     "unet": (),
     "torchtune_llama": (),
     "litgpt": (),
+    "keras_llama": (),
 }
 
 # Architectures that are not transformers models: the module that builds, feeds and loads each one
@@ -46,6 +47,7 @@ FAMILIES: dict[str, str] = {
     "unet": "properties.models.unet",
     "torchtune_llama": "properties.models.torchtune_llama",
     "litgpt": "properties.models.litgpt_gpt",
+    "keras_llama": "properties.models.keras_llama",
 }
 
 

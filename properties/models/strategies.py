@@ -100,7 +100,11 @@ def _config(draw: st.DrawFn, arch: str, min_layers: int) -> dict[str, object]:
 
 @functools.lru_cache(maxsize=256)
 def _layout(arch: str, frozen_config: tuple) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...], dict]:
-    """Parameter shapes, targetable paths and per-module facts of an architecture (built on meta)."""
+    """Parameter shapes, targetable paths and per-module facts of an architecture (built on meta, or
+    given by the family where its model is not a torch module tree: ``layout(config)``)."""
+    own = getattr(archs.family(arch), "layout", None)
+    if own is not None:
+        return own(dict(frozen_config))
     with torch.device("meta"):
         model = archs.construct(arch, dict(frozen_config), torch.float32)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -141,6 +145,9 @@ def fan_in(fact: dict) -> int:
 def _saveable(arch: str, frozen_config: tuple) -> dict[str, dict[str, tuple[int, ...]]]:
     """Modules ``modules_to_save`` may name: every module holding parameters of its own (linear, Conv1D,
     embedding, norm), with its parameters' shapes, leaving out both modules of a tied pair."""
+    own = getattr(archs.family(arch), "saveable", None)
+    if own is not None:  # a family whose model is not a torch module tree says which modules it can swap
+        return own(dict(frozen_config))
     with torch.device("meta"):
         model = archs.construct(arch, dict(frozen_config), torch.float32)
     tied = {p for pair in archs.TIES[arch] for p in pair}
@@ -375,6 +382,9 @@ def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> 
         B = _rounded(gen, b_shape, 2.0 ** log2["B"] / math.sqrt(r), d)
         if mask is not None:  # +0.0 off the pattern (a product with 0 would leave -0.0 bits)
             B = torch.where(mask.to(B.device).bool(), B, torch.zeros_like(B))
+        fill = getattr(archs.family(spec.architecture), "lora_fill", None)
+        if fill is not None:  # a library whose LoRA repeats one block of B (Keras's per-head LoRA)
+            B = fill(path, spec.config, B)
         mag = None
         if plan["dora"]:
             w = module_weight(spec, path).to(torch.float64)
