@@ -375,9 +375,7 @@ class KerasLlama(nn.Module):
         with torch.device(next(self.parameters()).device):
             twin = KerasLlama(self.config, self.dtype)
         with torch.no_grad():
-            for (_, mine), (_, theirs) in zip(
-                self.named_parameters(), twin.named_parameters(), strict=True
-            ):
+            for (_, mine), (_, theirs) in zip(self.named_parameters(), twin.named_parameters(), strict=True):
                 theirs.copy_(mine)
         return twin
 

@@ -57,12 +57,14 @@ class ModelCapabilities(Capabilities):
     ``targetable(architecture, paths)``: the module paths the library can adapt (default: all);
     ``closure(architecture, chosen)``: the smallest set of paths containing ``chosen`` that one adapter
     of the library can target (a library configured by module kind and layer adapts whole kinds ×
-    layers); ``uniform_rank``: one ``r`` and ``alpha`` per adapter (no per-module pattern). The model
+    layers); ``uniform_rank``: one ``r`` and ``alpha`` per adapter (no per-module pattern);
+    ``alpha_is_rank``: the library fixes ``alpha = r`` (scaling 1). The model
     strategies draw only what these allow, so a library's cells test what it can express."""
 
     targetable: Callable[[str, tuple[str, ...]], tuple[str, ...]] | None = None
     closure: Callable[[str, list[str]], list[str]] | None = None
     uniform_rank: bool = False
+    alpha_is_rank: bool = False  # alpha is not settable: it is the rank (keras-hub's Backbone.enable_lora)
 
 
 def full_model_capabilities() -> Capabilities:
@@ -162,6 +164,7 @@ BUILTIN_MODEL_TARGETS = {
     "torchtune": "properties.models.targets.torchtune:TARGET",
     "litgpt": "properties.models.targets.litgpt:TARGET",
     "adapters": "properties.models.targets.adapterhub:TARGET",
+    "keras": "properties.models.targets.keras:TARGET",
 }
 
 

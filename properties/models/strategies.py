@@ -50,6 +50,7 @@ class ModelDraw:
     targetable: Callable[[str, tuple[str, ...]], tuple[str, ...]] | None = None
     closure: Callable[[str, list[str]], list[str]] | None = None
     uniform_rank: bool = False
+    alpha_is_rank: bool = False  # the target fixes alpha = r
 
 
 def _config(draw: st.DrawFn, arch: str, min_layers: int) -> dict[str, object]:
@@ -311,6 +312,8 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
 def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int, forced=()) -> dict:
     uniform = d.uniform_rank or getattr(archs.family(d.architecture), "UNIFORM_RANK", False)
     modules = _modules_plan(draw, mods, facts, uniform)
+    if d.alpha_is_rank:
+        modules = {p: (r, float(r)) for p, (r, _) in modules.items()}
     rslora = "rslora" in d.options and draw(_BOOL, label="rslora")
     dora = "dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora")
     # A LoRA bias needs a base bias to merge into (PEFT refuses it on embeddings and cannot merge it
