@@ -42,7 +42,9 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
 # (``construct``, ``draw_config``, ``draw_inputs``, ``deep_paths``, ``fewer_layers``,
 # ``save_pretrained``, ``from_pretrained``, ``missing``; optionally ``target_groups`` and
 # ``UNIFORM_RANK`` where the library states LoRA per kind of module, and ``lora_structure`` where its
-# LoRA on a module has a fixed zero pattern; see ``properties/models/unet.py``).
+# LoRA on a module has a fixed zero pattern, ``lora_fill`` where it repeats one block of ``B``, and
+# ``layout`` / ``saveable`` where the model is not a torch module tree to read them from, as Keras's;
+# see ``properties/models/unet.py`` and ``properties/models/keras_llama.py``).
 FAMILIES: dict[str, str] = {
     "unet": "properties.models.unet",
     "torchtune_llama": "properties.models.torchtune_llama",
