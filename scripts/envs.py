@@ -16,6 +16,7 @@ pulls multi-GB CUDA wheels. PEFT releases have their own script (``scripts/peft_
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,9 +33,13 @@ LIBRARIES: dict[str, list[str]] = {
     "lycoris": ["lycoris-lora==4.1.3"],
     # adapter-hub `adapters` pins its own transformers (~=4.57.6), older than the suite's 5.x.
     "adapters": ["adapters==1.3.0", "transformers==4.57.6"],
-    # Keras 3 runs on the torch backend (KERAS_BACKEND=torch); h5py/ml-dtypes/optree come with it.
-    "keras": ["keras==3.15.1"],
+    # Keras 3 runs on the torch backend (KERAS_BACKEND=torch); h5py/ml-dtypes/optree come with it. What
+    # keras-hub imports (regex, tokenizers) and the reference's adapter files (safetensors) come too.
+    "keras": ["keras==3.15.1", "regex==2026.11.19", "tokenizers==0.23.3", "safetensors==0.8.0"],
 }
+# Installed with --no-deps after the rest: keras-hub 0.32.0 declares tensorflow-text (so TensorFlow), which
+# nothing the suite uses imports on the torch backend.
+NO_DEPS: dict[str, list[str]] = {"keras": ["keras-hub==0.32.0"]}
 
 
 def env_dir(lib: str) -> Path:
@@ -43,7 +48,12 @@ def env_dir(lib: str) -> Path:
 
 def create(lib: str, overlay: bool = False) -> float:
     """Create (or refresh) ``envs/<lib>``; returns the seconds it took (``overlay``: see _venv)."""
-    return _venv.create(env_dir(lib), LIBRARIES[lib], overlay)
+    took = _venv.create(env_dir(lib), LIBRARIES[lib], overlay)
+    if NO_DEPS.get(lib):
+        cmd = [str(_venv.python_of(env_dir(lib))), "-m", "pip", "install", "-q", "--no-deps", *NO_DEPS[lib]]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return took
 
 
 def run(lib: str, command: list[str]) -> int:

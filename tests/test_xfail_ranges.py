@@ -176,7 +176,7 @@ def test_every_bundled_line_applies_to_its_own_release_and_equal_patterns_share_
     """A line whose range leaves out its own file's release would never be verified anywhere, and two
     copies of one bug (same pattern) with different ranges would make the answer depend on the file."""
     ranges: dict[tuple, set[str]] = {}
-    for target in ("peft", "loralib", "torchtune", "litgpt", "diffusers", "lycoris"):
+    for target in ("peft", "loralib", "torchtune", "litgpt", "diffusers", "lycoris", "keras"):
         for version, path in xfails.bundled_files(target):
             for rule in xfails.load_xfails(path):
                 if rule.release is not None:

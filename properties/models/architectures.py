@@ -35,17 +35,21 @@ TIES: dict[str, tuple[tuple[str, str], ...]] = {
     "unet": (),
     "torchtune_llama": (),
     "litgpt": (),
+    "keras_llama": (),
 }
 
 # Architectures that are not transformers models: the module that builds, feeds and loads each one
 # (``construct``, ``draw_config``, ``draw_inputs``, ``deep_paths``, ``fewer_layers``,
 # ``save_pretrained``, ``from_pretrained``, ``missing``; optionally ``capabilities(caps)`` where the
-# library states LoRA per kind of module (see :func:`drawable`), and ``lora_structure`` where its
-# LoRA on a module has a fixed zero pattern; see ``properties/models/unet.py``).
+# library states LoRA per kind of module (see :func:`drawable`), ``lora_structure`` where its LoRA on
+# a module has a fixed zero pattern, ``lora_fill`` where it repeats one block of ``B``, and
+# ``layout`` / ``saveable`` where the model is not a torch module tree to read them from, as Keras's;
+# see ``properties/models/unet.py`` and ``properties/models/keras_llama.py``).
 FAMILIES: dict[str, str] = {
     "unet": "properties.models.unet",
     "torchtune_llama": "properties.models.torchtune_llama",
     "litgpt": "properties.models.litgpt_gpt",
+    "keras_llama": "properties.models.keras_llama",
 }
 
 

@@ -253,7 +253,14 @@ def model_adapter_save_load(ctx: Context) -> None:
             return
         new = [r for r in reports if r not in control]
         if not new:
-            layer = small.config.get("n_layer", small.config.get("num_hidden_layers"))
+            layer = next(
+                (
+                    small.config[k]
+                    for k in ("n_layer", "num_hidden_layers", "num_layers")
+                    if k in small.config
+                ),
+                None,
+            )
             raise PropertyFailure(
                 f"an adapter with keys for layer {layer} loaded into a model without that layer: "
                 "no error, nothing reported"

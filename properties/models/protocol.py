@@ -64,13 +64,15 @@ class ModelCapabilities(Capabilities):
     layers); ``group_of(architecture, path)``: the switch that adapts ``path`` (None: none does), where
     one switch adapts every module of its group, so a chosen path brings its whole group (a closure
     that needs the model's paths, which is why it is a function of one path and not a ``closure``);
-    ``uniform_rank``: one ``r`` and ``alpha`` per adapter (no per-module pattern). The model strategies
-    draw only what these allow, so a library's cells test what it can express."""
+    ``uniform_rank``: one ``r`` and ``alpha`` per adapter (no per-module pattern); ``alpha_is_rank``:
+    the library fixes ``alpha = r`` (scaling 1). The model strategies draw only what these allow, so a
+    library's cells test what it can express."""
 
     targetable: Callable[[str, tuple[str, ...]], tuple[str, ...]] | None = None
     closure: Callable[[str, list[str]], list[str]] | None = None
     uniform_rank: bool = False
     group_of: Callable[[str, str], str | None] | None = None
+    alpha_is_rank: bool = False  # alpha is not settable: it is the rank (keras-hub's Backbone.enable_lora)
 
 
 def full_model_capabilities() -> Capabilities:
@@ -170,6 +172,7 @@ BUILTIN_MODEL_TARGETS = {
     "torchtune": "properties.models.targets.torchtune:TARGET",
     "litgpt": "properties.models.targets.litgpt:TARGET",
     "adapters": "properties.models.targets.adapterhub:TARGET",
+    "keras": "properties.models.targets.keras:TARGET",
 }
 
 

@@ -18,7 +18,9 @@ import torch
 
 from properties.spec import AdapterSpec, NamedAdapters, dtype_name
 
-Architecture = Literal["llama_tied", "llama", "gpt2", "bert", "unet", "torchtune_llama", "litgpt"]
+Architecture = Literal[
+    "llama_tied", "llama", "gpt2", "bert", "unet", "torchtune_llama", "litgpt", "keras_llama"
+]
 ARCHITECTURES: tuple[Architecture, ...] = (
     "llama_tied",
     "llama",
@@ -27,6 +29,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     "unet",  # diffusers UNet2DConditionModel (properties/models/unet.py)
     "torchtune_llama",  # torchtune llama3 builders (properties/models/torchtune_llama.py)
     "litgpt",  # litgpt GPT (properties/models/litgpt_gpt.py)
+    "keras_llama",  # keras-hub LlamaBackbone, Keras 3 torch backend (properties/models/keras_llama.py)
 )
 TIED_ARCHITECTURES: tuple[Architecture, ...] = ("llama_tied", "gpt2")
 

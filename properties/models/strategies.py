@@ -51,6 +51,7 @@ class ModelDraw:
     closure: Callable[[str, list[str]], list[str]] | None = None
     uniform_rank: bool = False
     group_of: Callable[[str, str], str | None] | None = None  # one switch adapts a whole group
+    alpha_is_rank: bool = False  # the target fixes alpha = r
 
 
 def model_draw(caps, arch: str, dtype: torch.dtype, options: frozenset[str] | None = None, **kw) -> ModelDraw:
@@ -64,6 +65,7 @@ def model_draw(caps, arch: str, dtype: torch.dtype, options: frozenset[str] | No
         dtype=dtype,
         options=caps.options if options is None else options,
         uniform_rank=bool(getattr(caps, "uniform_rank", False)),
+        alpha_is_rank=bool(getattr(caps, "alpha_is_rank", False)),
         **rules,
         **kw,
     )
@@ -117,7 +119,11 @@ def _config(draw: st.DrawFn, arch: str, min_layers: int) -> dict[str, object]:
 
 @functools.lru_cache(maxsize=256)
 def _layout(arch: str, frozen_config: tuple) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...], dict]:
-    """Parameter shapes, targetable paths and per-module facts of an architecture (built on meta)."""
+    """Parameter shapes, targetable paths and per-module facts of an architecture (built on meta, or
+    given by the family where its model is not a torch module tree: ``layout(config)``)."""
+    own = getattr(archs.family(arch), "layout", None)
+    if own is not None:
+        return own(dict(frozen_config))
     with torch.device("meta"):
         model = archs.construct(arch, dict(frozen_config), torch.float32)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -158,6 +164,9 @@ def fan_in(fact: dict) -> int:
 def _saveable(arch: str, frozen_config: tuple) -> dict[str, dict[str, tuple[int, ...]]]:
     """Modules ``modules_to_save`` may name: every module holding parameters of its own (linear, Conv1D,
     embedding, norm), with its parameters' shapes, leaving out both modules of a tied pair."""
+    own = getattr(archs.family(arch), "saveable", None)
+    if own is not None:  # a family whose model is not a torch module tree says which modules it can swap
+        return own(dict(frozen_config))
     with torch.device("meta"):
         model = archs.construct(arch, dict(frozen_config), torch.float32)
     tied = {p for pair in archs.TIES[arch] for p in pair}
@@ -348,6 +357,8 @@ def model_examples(draw: st.DrawFn, d: ModelDraw) -> ModelExample:
 
 def _adapter_plan(draw, name, mods, facts, d: ModelDraw, n_adapters: int, forced=()) -> dict:
     modules = _modules_plan(draw, mods, facts, d.uniform_rank)
+    if d.alpha_is_rank:
+        modules = {p: (r, float(r)) for p, (r, _) in modules.items()}
     rslora = "rslora" in d.options and draw(_BOOL, label="rslora")
     dora = "dora" in d.options and n_adapters == 1 and draw(_BOOL, label="dora")
     # A LoRA bias needs a base bias to merge into (PEFT refuses it on embeddings and cannot merge it
@@ -419,6 +430,9 @@ def _fill_adapter(gen, spec: ModelSpec, plan: dict, facts: dict, log2: dict) -> 
         B = _rounded(gen, b_shape, 2.0 ** log2["B"] / math.sqrt(r), d)
         if mask is not None:  # +0.0 off the pattern (a product with 0 would leave -0.0 bits)
             B = torch.where(mask.to(B.device).bool(), B, torch.zeros_like(B))
+        fill = getattr(archs.family(spec.architecture), "lora_fill", None)
+        if fill is not None:  # a library whose LoRA repeats one block of B (Keras's per-head LoRA)
+            B = fill(path, spec.config, B)
         mag = None
         if plan["dora"]:
             w = module_weight(spec, path).to(torch.float64)
