@@ -33,6 +33,7 @@ from properties.quantized.state import QuantState
 from properties.spec import LayerSpec
 from properties.targets._library import Holder, base_weights
 from properties.targets._nf4_state import check_shape, nf4_state
+from properties.targets._torchtune_ops import TorchtuneLayerOps
 from properties.targets.protocol import Unsupported
 
 EXPORT_DTYPE = torch.bfloat16
@@ -56,7 +57,7 @@ def _hooks() -> Any:
     return common_utils
 
 
-class TorchtuneQLoRAHandle:
+class TorchtuneQLoRAHandle(TorchtuneLayerOps):
     """One ``LoRALinear(quantize_base=True)`` in a ``Holder`` (state-dict keys ``layer.*``)."""
 
     def __init__(self, spec: LayerSpec, peft: Any) -> None:
@@ -114,24 +115,6 @@ class TorchtuneQLoRAHandle:
 
     def unmerge(self) -> None:
         raise Unsupported("torchtune has no unmerge: the merged checkpoint is a float export")
-
-    def merged_adapters(self) -> list[str]:
-        return [self.adapter.name] if self.merged else []
-
-    def set_active(self, names: Sequence[str]) -> None:
-        raise Unsupported("torchtune has one adapter per layer")
-
-    def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def set_scale(self, name: str, scale: float) -> None:
-        raise Unsupported("torchtune has no scale API")
-
-    def scale_layer(self, factor: float) -> None:
-        raise Unsupported("torchtune has no scale API")
-
-    def unscale_layer(self, factor: float | None = None) -> None:
-        raise Unsupported("torchtune has no scale API")
 
     def quant_state(self) -> QuantState | None:
         """The NF4 base in canonical form; None once merged (the layer is a float export)."""

@@ -31,6 +31,7 @@ from properties.targets._library import (
     distribution_version,
     import_or_raise,
 )
+from properties.targets._torchtune_ops import TorchtuneLayerOps
 from properties.targets.protocol import Capabilities, Unsupported
 from properties.targets.torchtune_qlora import TorchtuneQLoRAHandle
 
@@ -46,7 +47,7 @@ def _peft() -> Any:
     return import_or_raise("torchtune.modules.peft", TorchtuneMissing, message)
 
 
-class TorchtuneHandle:
+class TorchtuneHandle(TorchtuneLayerOps):
     """The layer sits in a ``Holder``: its state-dict keys carry the ``layer.`` prefix torchtune expects."""
 
     def __init__(self, spec: LayerSpec, holder: Holder) -> None:
@@ -96,24 +97,6 @@ class TorchtuneHandle:
 
     def unmerge(self) -> None:
         raise Unsupported("torchtune has no unmerge: get_merged_lora_ckpt deletes the LoRA weights")
-
-    def merged_adapters(self) -> list[str]:
-        return [self.adapter.name] if self.merged else []
-
-    def set_active(self, names: Sequence[str]) -> None:
-        raise Unsupported("torchtune has one adapter per layer")
-
-    def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def set_scale(self, name: str, scale: float) -> None:
-        raise Unsupported("torchtune has no scale API")
-
-    def scale_layer(self, factor: float) -> None:
-        raise Unsupported("torchtune has no scale API")
-
-    def unscale_layer(self, factor: float | None = None) -> None:
-        raise Unsupported("torchtune has no scale API")
 
     def weights(self) -> dict[str, torch.Tensor]:
         return base_weights(self.holder.layer, self.spec)
