@@ -33,12 +33,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import json
 import math
 import os
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,7 +44,12 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from properties.models.families import one_layer_fewer
+from properties.models.families import (
+    draw_gqa_dims,
+    load_state_and_config,
+    one_layer_fewer,
+    save_state_and_config,
+)
 
 ARCHITECTURE = "keras_llama"
 LAYERS_KEY = "num_layers"
@@ -240,18 +243,14 @@ def saveable(config: dict[str, object]) -> dict[str, dict[str, tuple[int, ...]]]
 
 
 def draw_config(draw: st.DrawFn, min_layers: int) -> dict[str, object]:
-    from properties.strategies import _ints
-
-    kv = draw(_ints(1, 2), label="kv heads")
-    heads = kv * draw(_ints(1, 2), label="GQA group")
-    head_dim = 2 * draw(_ints(1, 2), label="head dim/2")  # RoPE rotates pairs
+    g = draw_gqa_dims(draw, min_layers)
     return dict(
-        vocabulary_size=draw(_ints(4, 24), label="vocab"),
-        num_layers=draw(_ints(min_layers, 3), label="layers"),
-        num_query_heads=heads,
-        num_key_value_heads=kv,
-        hidden_dim=heads * head_dim,
-        intermediate_dim=draw(_ints(1, 8), label="mlp width"),
+        vocabulary_size=g["vocab"],
+        num_layers=g["layers"],
+        num_query_heads=g["heads"],
+        num_key_value_heads=g["kv_heads"],
+        hidden_dim=g["hidden"],
+        intermediate_dim=g["intermediate"],
     )
 
 
@@ -388,14 +387,8 @@ def construct(config: dict[str, object], dtype: torch.dtype) -> nn.Module:
 
 def save_pretrained(model: nn.Module, config: dict[str, object], directory: str) -> None:
     """``torch.save`` of the torch view's state dict, and the config (the reference's merged model)."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config))
-    torch.save(model.state_dict(), out / WEIGHTS_FILE)
+    save_state_and_config(model, config, directory, CONFIG_FILE, WEIGHTS_FILE)
 
 
 def from_pretrained(directory: str, dtype: torch.dtype) -> nn.Module:
-    config = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    model = construct(config, dtype)
-    model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, weights_only=True), strict=True)
-    return model
+    return load_state_and_config(directory, construct, dtype, CONFIG_FILE, WEIGHTS_FILE)

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from properties.models.families import narrowed, one_layer_fewer
+from properties.models.families import load_state_and_config, narrowed, one_layer_fewer, save_state_and_config
 from properties.models.protocol import ModelCapabilities
 from properties.targets.protocol import Capabilities
 
@@ -170,14 +168,8 @@ def fewer_layers(config: dict[str, object]) -> dict[str, object]:
 
 def save_pretrained(model: nn.Module, config: dict[str, object], directory: str) -> None:
     """litgpt's checkpoint layout: ``lit_model.pth`` (``torch.save`` of the state dict) and the config."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config))
-    torch.save(model.state_dict(), out / WEIGHTS_FILE)
+    save_state_and_config(model, config, directory, CONFIG_FILE, WEIGHTS_FILE)
 
 
 def from_pretrained(directory: str, dtype: torch.dtype) -> nn.Module:
-    config = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    model = construct(config, dtype)
-    model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, weights_only=True), strict=True)
-    return model
+    return load_state_and_config(directory, construct, dtype, CONFIG_FILE, WEIGHTS_FILE)

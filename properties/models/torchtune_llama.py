@@ -27,7 +27,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from properties.models.families import narrowed, one_layer_fewer
+from properties.models.families import draw_gqa_dims, narrowed, one_layer_fewer
 from properties.models.protocol import ModelCapabilities
 from properties.targets.protocol import Capabilities
 
@@ -81,19 +81,15 @@ def construct_lora(
 
 
 def draw_config(draw: st.DrawFn, min_layers: int) -> dict[str, object]:
-    from properties.strategies import _ints
-
-    kv = draw(_ints(1, 2), label="kv heads")
-    heads = kv * draw(_ints(1, 2), label="GQA group")
-    head_dim = 2 * draw(_ints(1, 2), label="head dim/2")  # RoPE rotates pairs
+    g = draw_gqa_dims(draw, min_layers)
     return dict(
-        vocab_size=draw(_ints(4, 24), label="vocab"),
-        num_layers=draw(_ints(min_layers, 3), label="layers"),
-        num_heads=heads,
-        num_kv_heads=kv,
-        embed_dim=heads * head_dim,
+        vocab_size=g["vocab"],
+        num_layers=g["layers"],
+        num_heads=g["heads"],
+        num_kv_heads=g["kv_heads"],
+        embed_dim=g["hidden"],
         max_seq_len=16,
-        intermediate_dim=draw(_ints(1, 8), label="mlp width"),
+        intermediate_dim=g["intermediate"],
     )
 
 
