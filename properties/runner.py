@@ -27,7 +27,7 @@ from hypothesis import target as hyp_target
 from hypothesis.errors import Flaky, Unsatisfiable
 
 from properties.activity import ACTIVITY, Snapshot, TracedTarget
-from properties.bias import Z_THRESHOLD, BiasTally
+from properties.bias import Z_THRESHOLD, BiasPool
 from properties.catalogue import Context, OutOfRange, Property, PropertyFailure
 from properties.hypothesis_pins import fixed_constants, shrink_budget, without_database_key
 from properties.isolation import cuda_flag_values, isolated, pinned_backend
@@ -138,7 +138,7 @@ class _CellState:
     unsupported: Counter = field(default_factory=Counter)
     known: Counter = field(default_factory=Counter)  # xfails 'when' line -> examples set aside
     out_of_range: Counter = field(default_factory=Counter)  # reason -> examples outside the claim
-    bias: dict[str, BiasTally] = field(default_factory=dict)  # quantity -> sums over the cell's examples
+    bias: dict[str, BiasPool] = field(default_factory=dict)  # quantity -> the cell's examples' blocks
     bias_seen: set[str] = field(default_factory=set)  # examples already counted (replays add nothing)
     examples: int = 0
     last_failure: tuple[str, str, str] | None = None  # (kind, message, example)
@@ -434,13 +434,13 @@ def hang_message(activity: Snapshot, limit_s: float, frame: str = "", killed: bo
 
 
 def _add_bias(state: _CellState, ctx: Context, key: str) -> None:
-    """Add an example's bias sums to the cell's, once per distinct example (a replayed example is not
-    independent of itself)."""
+    """Add an example's bias blocks to the cell's pool, once per distinct example (a replayed example
+    is not independent of itself), grouped by the seed its tensors came from (``BiasPool``)."""
     if not ctx.bias or key in state.bias_seen:
         return
     state.bias_seen.add(key)
     for t in ctx.bias:
-        state.bias.setdefault(t.quantity, BiasTally(t.quantity)).add(t)
+        state.bias.setdefault(t.quantity, BiasPool(t.quantity)).add(t, ctx.spec.seed)
 
 
 def _bias_verdict(result: CellResult, state: _CellState, opts: RunOptions, cell: Cell) -> None:
@@ -448,8 +448,9 @@ def _bias_verdict(result: CellResult, state: _CellState, opts: RunOptions, cell:
     passed example by example when the examples' small leans add up past the threshold."""
     if not state.bias:
         return
-    result.bias = {q: t.summary() for q, t in state.bias.items()}
-    worst = max(state.bias.values(), key=lambda t: abs(t.verdict()[1]))
+    pooled = {q: pool.tally() for q, pool in state.bias.items()}
+    result.bias = {q: t.summary() for q, t in pooled.items()}
+    worst = max(pooled.values(), key=lambda t: abs(t.verdict()[1]))
     name, z, eps = worst.verdict()
     result.max_bias_z = abs(z)
     if result.status == "passed" and abs(z) > Z_THRESHOLD:
