@@ -109,7 +109,11 @@ def test_the_installed_transformers_runs_every_architecture_in_every_dtype():
     from properties.models import architectures as archs
     from properties.spec import DTYPES
 
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # Older releases' own masks overflow in float64 (4.36 Llama, 4.50 GPT-2): the probe is meant to
+        # skip those bases there, so this holds only for the transformers the suite is tested with.
+        pytest.skip(f"transformers {transformers.__version__}: the probe skips some bases by design")
     llama = dict(vocab_size=8, hidden_size=4, head_dim=2, intermediate_size=4, num_hidden_layers=1)
     llama.update(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
     configs = {

@@ -59,6 +59,17 @@ def test_xfails_are_split_into_verified_and_by_range():
     assert peft_releases.xfail_split(_report()) == (1, 1, 5, 3)
 
 
+def test_a_cell_xfailed_by_when_lines_alone_is_credited_to_those_lines():
+    # Every example of the cell matched a `when` line: no whole-cell line covers it (0.20.0's
+    # safe_merge_atomic cells, all by range, were once counted as verified).
+    report = _report()
+    report["cells"] = [
+        _cell("reference_forward", "linear", "xfailed", {RANGED_WHEN: 12}),
+        _cell("merge_subset", "conv2d", "xfailed", {OWN: 2, RANGED_WHEN: 10}),
+    ]
+    assert peft_releases.xfail_split(report) == (1, 1, 2, 22)
+
+
 def test_table_row_shows_the_split_and_the_failing_properties(tmp_path):
     d = tmp_path / "0.7.1"
     d.mkdir()
