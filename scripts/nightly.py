@@ -39,7 +39,17 @@ from pathlib import Path
 
 from _runs import ROOT, Timed, fmt, git_commit, report_number, run_timed, write_atomic
 
-LIBRARIES = ("loralib", "torchtune", "litgpt", "diffusers", "lycoris", "peft", "reference")
+LIBRARIES = (
+    "loralib",
+    "torchtune",
+    "litgpt",
+    "diffusers",
+    "lycoris",
+    "adapters",
+    "keras",
+    "peft",
+    "reference",
+)
 IN_THIS_INTERPRETER = ("peft", "reference")  # PEFT: the release CI tests; reference: the suite itself
 REPORTS = ROOT / "reports" / "nightly"  # git-ignored
 SLOT_S = 30 * 60  # the nightly slot a library gives the suite
