@@ -31,14 +31,25 @@ import datetime as dt
 import fcntl
 import json
 import math
+import os
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from _runs import ROOT, Timed, fmt, git_commit, report_number, run_timed, write_atomic
 
-LIBRARIES = ("loralib", "torchtune", "litgpt", "diffusers", "lycoris", "peft", "reference")
+LIBRARIES = (
+    "loralib",
+    "torchtune",
+    "litgpt",
+    "diffusers",
+    "lycoris",
+    "adapters",
+    "keras",
+    "peft",
+    "reference",
+)
 IN_THIS_INTERPRETER = ("peft", "reference")  # PEFT: the release CI tests; reference: the suite itself
 REPORTS = ROOT / "reports" / "nightly"  # git-ignored
 SLOT_S = 30 * 60  # the nightly slot a library gives the suite
@@ -46,18 +57,32 @@ SLOT_JOBS = 2  # workers per shard in that slot (a 2-core runner)
 
 
 def run_command(
-    lib: str, shard: tuple[int, int], seed: int, jobs: int, report: Path, extra: list[str]
+    lib: str,
+    shard: tuple[int, int],
+    seed: int,
+    jobs: int,
+    report: Path,
+    extra: list[str],
+    limits: Sequence[str] = (),
 ) -> list[str]:
     """The command that runs one shard of ``lib``'s thorough profile (in its environment)."""
     cli = ["-m", "properties", "run", "--target", lib, "--profile", "thorough", "--seed", str(seed)]
-    cli += ["--shard", f"{shard[0]}/{shard[1]}", "--jobs", str(jobs), "--report", str(report), *extra]
+    cli += ["--shard", f"{shard[0]}/{shard[1]}", "--jobs", str(jobs), "--report", str(report)]
+    cli += [*extra, *limits]
     if lib in IN_THIS_INTERPRETER:
         return [sys.executable, *cli]
     return [sys.executable, str(ROOT / "scripts" / "envs.py"), "run", lib, "--", "python", *cli]
 
 
 def shard_record(
-    report: dict, lib: str, shard: tuple[int, int], seed: int, timed: Timed, extra: list[str], out: Path
+    report: dict,
+    lib: str,
+    shard: tuple[int, int],
+    seed: int,
+    timed: Timed,
+    extra: list[str],
+    out: Path,
+    limits: Sequence[str] = (),
 ) -> dict:
     """What one shard's report.json says, and what the shard cost."""
     header, cells = report["header"], report["cells"]
@@ -80,6 +105,7 @@ def shard_record(
         "shard": f"{shard[0]}/{shard[1]}",
         "seed": seed,
         "extra_args": extra,
+        "limits": list(limits),
         "version": header.get("target_version"),
         "commit": git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -104,24 +130,36 @@ def _report_dir(reports: Path, lib: str, shard: tuple[int, int], seed: int, extr
 
 
 def run_shard(
-    reports: Path, lib: str, shard: tuple[int, int], seed: int, jobs: int, extra: list[str]
+    reports: Path,
+    lib: str,
+    shard: tuple[int, int],
+    seed: int,
+    jobs: int,
+    extra: list[str],
+    limits: Sequence[str] = (),
 ) -> dict:
+    """Run one shard and record it. ``limits`` (hang limits) go to the CLI but not into the run's key:
+    they decide when a slow example is called a hang, not what is tested, so a shard run with longer
+    limits on a loaded machine completes the same run as the shards recorded without them."""
     out = _report_dir(reports, lib, shard, seed, extra)
-    timed = run_timed(run_command(lib, shard, seed, jobs, out, extra))
+    load_start = os.getloadavg()[0]
+    timed = run_timed(run_command(lib, shard, seed, jobs, out, extra, limits))
+    load = {"load_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)]}
     path = out / "report.json"
     if not path.exists():
-        return {
+        return load | {
             "lib": lib,
             "shard": f"{shard[0]}/{shard[1]}",
             "seed": seed,
             "extra_args": extra,
+            "limits": list(limits),
             "commit": git_commit(),
             "exit_status": timed.returncode,
             "error": (timed.stderr or timed.stdout)[-2000:],
             "wall_s": round(timed.wall_s, 1),
             "cpu_s": round(timed.cpu_s, 1),
         }
-    return shard_record(json.loads(path.read_text()), lib, shard, seed, timed, extra, out)
+    return shard_record(json.loads(path.read_text()), lib, shard, seed, timed, extra, out, limits) | load
 
 
 def planned_cells(n: int, extra: list[str]) -> dict[str, int]:
@@ -169,6 +207,7 @@ def library_summary(reports: Path, records: list[dict], n: int) -> dict:
     cells_done = sum(r["cells"] for r in done)
     cells_all = sum(per_shard.values())
     cpu, wall = sum(r["cpu_s"] for r in done), sum(r["wall_s"] for r in done)
+    loads = [x for r in done for x in r.get("load_1min_start_end", [])]  # older records have none
     # A shard's cost is roughly proportional to its cells: scale the measured CPU time to every cell.
     cpu_full = cpu * cells_all / cells_done if cells_done else None
     # Idle wall time with --jobs 2 on a 2-core runner is at best half the CPU time.
@@ -194,6 +233,7 @@ def library_summary(reports: Path, records: list[dict], n: int) -> dict:
         "worst_ratio": max((r["worst_ratio"] for r in done if r["worst_ratio"] is not None), default=None),
         "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1),
+        "load_1min_range": [min(loads), max(loads)] if loads else None,
         "estimated_full_cpu_s": round(cpu_full) if cpu_full else None,
         "estimated_full_wall_s_jobs2_idle": round(wall_full_idle) if wall_full_idle else None,
         "shards_for_30_min": math.ceil(wall_full_idle / SLOT_S) if wall_full_idle else None,
@@ -228,9 +268,9 @@ def render_md(data: dict) -> str:
         f"Command: `{data.get('command', '')}`",
         "",
         "| library | release | seed | shards run | cells run / all | passed | failed | error | xfailed | "
-        "skipped | examples | worst ratio | unmatched xfail lines | wall | CPU | est. full run, idle, "
-        "`--jobs 2` | shards for 30 min | commit |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "skipped | examples | worst ratio | unmatched xfail lines | wall | load (1 min) | CPU | "
+        "est. full run, idle, `--jobs 2` | shards for 30 min | commit |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---|",
     ]
     for s in data.get("summaries", []):
         c = s["counts"]
@@ -243,15 +283,20 @@ def render_md(data: dict) -> str:
             f"| {s['lib']}{_extra(s)} | {s['version']} | {s['seed']} | {run} | {s['cells_run']} / "
             f"{s['cells_planned']} | {c.get('passed', 0)} | {c.get('failed', 0)} | {c.get('error', 0)} | "
             f"{c.get('xfailed', 0)} | {c.get('skipped', 0)} | {s['examples']} | {fmt(s['worst_ratio'])} | "
-            f"{unmatched} | {_minutes(s['wall_s'])} | {_minutes(s['cpu_s'])} | {_minutes(est)} | "
+            f"{unmatched} | {_minutes(s['wall_s'])} | {_load_span(s.get('load_1min_range'))} | "
+            f"{_minutes(s['cpu_s'])} | {_minutes(est)} | "
             f"{s['shards_for_30_min'] or '—'} | {', '.join(s['commits'])} |"
         )
     lines += [
         "",
         "Unmatched xfail lines are listed only once every shard ran (a line is stale only if no shard "
-        "used it).",
+        "used it). Load is the machine's 1-minute load average read at the start and end of each shard "
+        "(— for shards recorded before it was kept).",
         "",
     ]
+    notes = data.get("notes", [])  # what the table cannot say (kept by hand in the JSON)
+    if notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     failures = [(s, f) for s in data.get("summaries", []) for f in s["failures"]]
     lines += [f"## Failed and error cells: {len(failures)}", ""]
     for s, f in failures:
@@ -287,6 +332,11 @@ def _extra(s: dict) -> str:
     return f" ({' '.join(s['extra_args'])})" if s["extra_args"] else ""
 
 
+def _load_span(span: list[float] | None) -> str:
+    """The 1-minute load average over a library's shards (read at each shard's start and end)."""
+    return "—" if not span else f"{span[0]:.1f}–{span[1]:.1f}"
+
+
 def _minutes(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds / 60:.1f} min"
 
@@ -301,19 +351,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "nightly.json")
     ap.add_argument("--reports", type=Path, default=REPORTS, help="where shard and merged reports go")
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--cell-timeout", type=float, default=None, help="passed on; not part of the run")
+    ap.add_argument("--example-timeout", type=float, default=None, help="passed on; not part of the run")
     ap.add_argument("--render-only", action="store_true", help="only rewrite --md from --json")
     ap.add_argument("extra", nargs="*", help="more arguments for `lora-conformance run` (after --)")
     args = ap.parse_args(argv)
     command = "python scripts/nightly.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if not args.render_only:
         indices = [int(i) for i in args.only.split(",")] if args.only else range(1, args.shards + 1)
+        limits = [
+            f"--{name}-timeout={value:g}"
+            for name, value in (("cell", args.cell_timeout), ("example", args.example_timeout))
+            if value is not None
+        ]
         for lib in args.libs:
             for i in indices:
                 key = (lib, f"{i}/{args.shards}", args.seed, tuple(args.extra))
                 with _locked(args.json):
                     if any(_key(r) == key and "error" not in r for r in _load(args.json)["runs"]):
                         continue
-                record = run_shard(args.reports, lib, (i, args.shards), args.seed, args.jobs, args.extra)
+                record = run_shard(
+                    args.reports, lib, (i, args.shards), args.seed, args.jobs, args.extra, limits
+                )
                 with _locked(args.json):  # re-read: another nightly.py may have recorded shards meanwhile
                     data = _load(args.json)
                     data["runs"] = [r for r in data["runs"] if _key(r) != key] + [record]

@@ -89,9 +89,9 @@ def test_a_failed_cell_is_listed_and_fails_the_script(
     timed = nightly.Timed(1, "", "", wall_s=60.0, cpu_s=100.0)
 
     def fake_shard(
-        reports: Path, lib: str, shard: tuple[int, int], seed: int, jobs: int, extra: list[str]
+        reports: Path, lib: str, shard: tuple[int, int], seed: int, jobs: int, extra: list[str], limits=()
     ) -> dict:
-        return nightly.shard_record(report, lib, shard, seed, timed, extra, reports / "gone")
+        return nightly.shard_record(report, lib, shard, seed, timed, extra, reports / "gone", limits)
 
     monkeypatch.setattr(nightly, "run_shard", fake_shard)
     assert _nightly(tmp_path, "--only", "1") == 1
@@ -103,3 +103,44 @@ def test_a_failed_cell_is_listed_and_fails_the_script(
     md = (tmp_path / "n.md").read_text()
     assert "## Failed and error cells: 1" in md and "planted" in md and "`REPLAY`" in md
     assert "second line" not in md
+
+
+def test_hang_limits_reach_the_cli_but_not_the_runs_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard run with longer hang limits (a loaded machine) completes the run recorded without them:
+    the limits are passed to `lora-conformance run` and kept in the record, but a shard already
+    recorded without them is not run again, and the shards form one library summary."""
+    commands: list[list[str]] = []
+    real_run_timed = nightly.run_timed
+
+    def spy(cmd: list[str], **kw: object) -> nightly.Timed:
+        commands.append(cmd)
+        return real_run_timed(cmd, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nightly, "run_timed", spy)
+    assert _nightly(tmp_path, "--only", "1") == 0
+    assert not any("--example-timeout" in " ".join(c) for c in commands)
+    assert _nightly(tmp_path, "--example-timeout", "300", "--cell-timeout", "1800") == 0
+    assert len(commands) == 2  # shard 1 was recorded: only shard 2 ran
+    assert "--example-timeout=300" in commands[1] and "--cell-timeout=1800" in commands[1]
+    data = json.loads((tmp_path / "n.json").read_text())
+    limits = {r["shard"]: r["limits"] for r in data["runs"]}
+    assert limits == {"1/2": [], "2/2": ["--cell-timeout=1800", "--example-timeout=300"]}
+    (summary,) = data["summaries"]
+    assert summary["shards_run"] == ["1/2", "2/2"]
+    for r in data["runs"]:  # the 1-minute load average at the shard's start and end
+        assert len(r["load_1min_start_end"]) == 2 and min(r["load_1min_start_end"]) >= 0
+    low, high = summary["load_1min_range"]
+    assert low <= high
+
+
+def test_notes_kept_in_the_record_are_rendered(tmp_path: Path) -> None:
+    """What the table cannot say (load, superseded shards) is kept by hand in the JSON's notes."""
+    record = tmp_path / "n.json"
+    record.write_text(json.dumps({"runs": [], "notes": ["loaded machine: load 4-6"]}))
+    files = ["--json", str(record), "--md", str(tmp_path / "n.md"), "--reports", str(tmp_path / "r")]
+    assert nightly.main(["--render-only", *files]) == 0
+    md = (tmp_path / "n.md").read_text()
+    assert "## Notes\n\n- loaded machine: load 4-6\n" in md
+    assert json.loads(record.read_text())["notes"] == ["loaded machine: load 4-6"]
