@@ -194,7 +194,7 @@ def _slow_run_with_report(tmp_path: Path, *extra: str) -> subprocess.Popen:
 def test_interrupted_run_keeps_finished_cells_in_a_valid_report(tmp_path):
     proc = _slow_run_with_report(tmp_path)
     out = None
-    for _ in range(6):  # a Ctrl-C can be lost in a rare race under pytest -n 2 (open; see README); resend
+    for _ in range(6):  # a first Ctrl-C was lost twice under pytest -n 2 (open, README); resend
         proc.send_signal(signal.SIGINT)
         try:
             out, _ = proc.communicate(timeout=20)
