@@ -83,15 +83,13 @@ def z_score(s: float, q: float) -> float:
 
 @dataclass
 class BiasTally:
-    """The sums of one quantity's test, per candidate: ``s = sum X_b``, ``q = sum X_b^2``."""
+    """One quantity's test: per candidate, the blocks ``X_b`` (``x``) and how many differ from it."""
 
     quantity: str
-    s: dict[str, float] = field(default_factory=dict)
-    q: dict[str, float] = field(default_factory=dict)
+    x: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     n: dict[str, int] = field(default_factory=dict)  # blocks that differ from the candidate
     blocks: int = 0
     comparisons: int = 0  # examples x tensors compared (one per adapter for deltas)
-    x: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the blocks, for the pool
 
     def add(self, other: BiasTally) -> None:
         """Append ``other``'s blocks (another tensor of the same example): a candidate one part
@@ -99,12 +97,15 @@ class BiasTally:
         for k in self.x.keys() | other.x.keys():
             mine = self.x.get(k, torch.zeros(self.blocks, dtype=F64))
             self.x[k] = torch.cat([mine, other.x.get(k, torch.zeros(other.blocks, dtype=F64))])
-        for k in other.s:
-            self.s[k] = self.s.get(k, 0.0) + other.s[k]
-            self.q[k] = self.q.get(k, 0.0) + other.q[k]
-            self.n[k] = self.n.get(k, 0) + other.n[k]
+        for k, v in other.n.items():
+            self.n[k] = self.n.get(k, 0) + v
         self.blocks += other.blocks
         self.comparisons += other.comparisons
+
+    def sums(self, name: str) -> tuple[float, float]:
+        """``(s, q) = (sum X_b, sum X_b^2)`` against candidate ``name``."""
+        x = self.x[name]
+        return float(x.sum()), float((x * x).sum())
 
     def verdict(self) -> tuple[str, float, float]:
         """The candidate the target follows, its z (signed) and the mean estimate of ``eps``.
@@ -115,9 +116,11 @@ class BiasTally:
         uses, and its noise would only hide a bias. The test fires when ``|z| > Z_THRESHOLD``
         against every kept candidate."""
         fewest = min(self.n.values())
-        kept = [k for k in self.s if self.n[k] <= fewest + 4 * math.sqrt(fewest) + SLACK]
-        name = min(kept, key=lambda k: abs(z_score(self.s[k], self.q[k])))
-        return name, z_score(self.s[name], self.q[name]), self.s[name] / max(self.comparisons, 1)
+        kept = [k for k in self.x if self.n[k] <= fewest + 4 * math.sqrt(fewest) + SLACK]
+        sums = {k: self.sums(k) for k in kept}
+        name = min(kept, key=lambda k: abs(z_score(*sums[k])))
+        s, q = sums[name]
+        return name, z_score(s, q), s / max(self.comparisons, 1)
 
     def summary(self) -> dict[str, float | int | str]:
         name, z, eps = self.verdict()
@@ -146,10 +149,7 @@ def tally(
             x = x.sum(block_dim)
         if blocks is not None:  # positions that repeat one input window are one rounding event
             x = torch.zeros(int(blocks.max()) + 1, dtype=F64).index_add_(0, blocks.flatten(), x.flatten())
-        x = x.flatten()
-        out.x[name] = x
-        out.s[name] = float(x.sum())
-        out.q[name] = float((x * x).sum())
+        out.x[name] = x.flatten()
         out.n[name] = int((x != 0).sum())
         out.blocks = x.numel()
     return out
@@ -161,34 +161,31 @@ class BiasPool:
     so their tensors and rounding events) summed position by position into one block."""
 
     quantity: str
-    groups: dict[Hashable, dict[str, torch.Tensor]] = field(default_factory=dict)
+    groups: dict[Hashable, BiasTally] = field(default_factory=dict)
     n: dict[str, int] = field(default_factory=dict)
     comparisons: int = 0
 
     def add(self, t: BiasTally, group: Hashable) -> None:
         """``group``: what determines the example's values (its seed)."""
-        blocks = self.groups.setdefault(group, {})
-        for k, x in t.x.items():
-            have = blocks.get(k)
-            if have is None:
-                blocks[k] = x.clone()
-                continue
-            if have.numel() < x.numel():
-                have = torch.cat([have, torch.zeros(x.numel() - have.numel(), dtype=F64)])
-            have[: x.numel()] += x
-            blocks[k] = have
+        pooled = self.groups.setdefault(group, BiasTally(self.quantity))
+        size = max(pooled.blocks, t.blocks)
+        for k in pooled.x.keys() | t.x.keys():
+            x = torch.zeros(size, dtype=F64)
+            for part in (pooled.x.get(k), t.x.get(k)):
+                if part is not None:
+                    x[: part.numel()] += part
+            pooled.x[k] = x
+        pooled.blocks = size
         for k, v in t.n.items():
             self.n[k] = self.n.get(k, 0) + v
         self.comparisons += t.comparisons
 
     def tally(self) -> BiasTally:
-        """The pooled sums, one block per distinct (seed, position)."""
-        out = BiasTally(self.quantity, n=dict(self.n), comparisons=self.comparisons)
-        for blocks in self.groups.values():
-            for k, x in blocks.items():
-                out.s[k] = out.s.get(k, 0.0) + float(x.sum())
-                out.q[k] = out.q.get(k, 0.0) + float((x * x).sum())
-            out.blocks += max((x.numel() for x in blocks.values()), default=0)
+        """The pooled test, one block per distinct (seed, position)."""
+        out = BiasTally(self.quantity)
+        for pooled in self.groups.values():
+            out.add(pooled)
+        out.n, out.comparisons = dict(self.n), self.comparisons
         return out
 
 
