@@ -74,6 +74,23 @@ def run_command(
     return [sys.executable, str(ROOT / "scripts" / "envs.py"), "run", lib, "--", "python", *cli]
 
 
+def _run_fields(
+    lib: str, shard: tuple[int, int], seed: int, timed: Timed, extra: list[str], limits: Sequence[str]
+) -> dict:
+    """What every shard record holds, whether or not the run left a report: which run, and its cost."""
+    return {
+        "lib": lib,
+        "shard": f"{shard[0]}/{shard[1]}",
+        "seed": seed,
+        "extra_args": extra,
+        "limits": list(limits),
+        "commit": git_commit(),
+        "exit_status": timed.returncode,
+        "wall_s": round(timed.wall_s, 1),
+        "cpu_s": round(timed.cpu_s, 1),
+    }
+
+
 def shard_record(
     report: dict,
     lib: str,
@@ -100,16 +117,9 @@ def shard_record(
     ratios = [
         r for c in cells if c["status"] == "passed" and (r := report_number(c.get("max_ratio"))) is not None
     ]
-    return {
-        "lib": lib,
-        "shard": f"{shard[0]}/{shard[1]}",
-        "seed": seed,
-        "extra_args": extra,
-        "limits": list(limits),
+    return _run_fields(lib, shard, seed, timed, extra, limits) | {
         "version": header.get("target_version"),
-        "commit": git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "exit_status": timed.returncode,
         "cells": len(cells),
         "counts": report.get("counts"),
         "examples": sum(c.get("examples", 0) for c in cells),
@@ -117,8 +127,6 @@ def shard_record(
         "worst_ratio": max(ratios, default=None),
         "failures": failures,
         "unmatched_xfails": header.get("unmatched_xfails", []),
-        "wall_s": round(timed.wall_s, 1),
-        "cpu_s": round(timed.cpu_s, 1),
         "report": _shown(out),
     }
 
@@ -147,18 +155,8 @@ def run_shard(
     load = {"load_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)]}
     path = out / "report.json"
     if not path.exists():
-        return load | {
-            "lib": lib,
-            "shard": f"{shard[0]}/{shard[1]}",
-            "seed": seed,
-            "extra_args": extra,
-            "limits": list(limits),
-            "commit": git_commit(),
-            "exit_status": timed.returncode,
-            "error": (timed.stderr or timed.stdout)[-2000:],
-            "wall_s": round(timed.wall_s, 1),
-            "cpu_s": round(timed.cpu_s, 1),
-        }
+        error = {"error": (timed.stderr or timed.stdout)[-2000:]}
+        return load | _run_fields(lib, shard, seed, timed, extra, limits) | error
     return shard_record(json.loads(path.read_text()), lib, shard, seed, timed, extra, out, limits) | load
 
 
