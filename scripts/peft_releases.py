@@ -17,7 +17,9 @@ fails, B the first that passes again.
 ``gate`` runs ``lora-conformance run --target peft --profile ci`` (bundled expected failures, applied by
 release range) in each env, one release after another, writing ``DIR/<version>/report.json`` and the wall
 time in ``DIR/<version>/wall.json``. ``table`` turns those into the table of ``docs/peft-releases.md``.
-The env's ``lora-conformance`` is this checkout, installed editable by ``peft_envs.py create``.
+The suite runs as ``<env>/bin/python -m properties`` (this checkout, installed editable by
+``peft_envs.py create``; ``PYTHONPATH`` passes through), and a report of any other PEFT release than the
+one asked for is refused (exit 2, "not counted" in the table).
 """
 
 from __future__ import annotations
@@ -133,17 +135,40 @@ def repro(versions: list[str], json_path: str | None, only: str = "*") -> int:
     return 0
 
 
+def gate_command(version: str, report: Path, jobs: int, relative_nice: int, extra: list[str]) -> list[str]:
+    """The ci run of one release, by the absolute path of its env's interpreter (``python -m properties``).
+
+    Not the env's ``lora-conformance`` script: its ``#!`` names the interpreter of the checkout that
+    created the env, and once that path is gone ``execvp`` skips the script and takes the next
+    ``lora-conformance`` on PATH, the global one, which runs this interpreter's PEFT (0.21.2) under the
+    release's name (second session, 2026-12-02: a "0.7.1" gate reported 0.21.2).
+    """
+    python = _venv.python_of(peft_envs.env_dir(version))
+    cmd = ["nice", "-n", str(relative_nice), str(python), "-m", "properties", "run"]
+    return cmd + ["--target", "peft", "--profile", "ci", "--jobs", str(jobs), "--report", str(report), *extra]
+
+
+def release_mismatch(version: str, report_dir: Path) -> str | None:
+    """What is wrong if the report in ``report_dir`` is not a run against PEFT ``version``, else ``None``."""
+    rpath = report_dir / "report.json"
+    if not rpath.exists():
+        return None  # no report at all: the exit status says why
+    ran = json.loads(rpath.read_text())["header"].get("target_version")
+    return None if ran == version else f"the report is of peft {ran}, not {version}"
+
+
 def gate(versions: list[str], out: Path, jobs: int, niceness: int, extra: list[str]) -> int:
-    """The ci gate against each release, one after another; returns 1 if any gate failed."""
+    """The ci gate against each release, one after another; returns 1 if any gate failed, 2 if a gate
+    ran another release than the one asked for."""
     worst = 0
+    wrong_any = False
     for v in versions:
         d = out / v
         d.mkdir(parents=True, exist_ok=True)
         # --nice is the niceness the run ends with, whatever this script's own (`nice -n 10 python
         # peft_releases.py gate` would otherwise add the two and run the gate at 19).
         relative = max(0, niceness - os.nice(0))
-        cmd = ["nice", "-n", str(relative), "lora-conformance", "run", "--target", "peft", "--profile", "ci"]
-        cmd += ["--jobs", str(jobs), "--report", str(d.resolve()), *extra]
+        cmd = gate_command(v, d.resolve(), jobs, relative, extra)
         start = time.monotonic()
         loads: list[float] = []
         with open(d / "console.txt", "w") as log:
@@ -169,10 +194,14 @@ def gate(versions: list[str], out: Path, jobs: int, niceness: int, extra: list[s
             "load_min": round(min(loads), 1),
             "load_max": round(max(loads), 1),
         }
+        wrong = release_mismatch(v, d)
+        if wrong:
+            record["wrong_release"] = wrong
+            wrong_any = True
         (d / "wall.json").write_text(json.dumps(record) + "\n")
-        print(f"peft {v}: exit {rc}, {wall:.0f} s", flush=True)
+        print(f"peft {v}: exit {rc}, {wall:.0f} s" + (f" -- {wrong}" if wrong else ""), flush=True)
         worst = max(worst, rc)
-    return 1 if worst else 0
+    return 2 if wrong_any else (1 if worst else 0)
 
 
 def _applied_rule(applied: str) -> tuple[str, str, str] | None:
@@ -235,6 +264,9 @@ def table(out: Path) -> str:
             lines.append(
                 f"| {d.name} | {wall['exit']} | no report | | | | | | | | | {_wall(wall)} | {_extra(wall)} |"
             )
+            continue
+        if "wrong_release" in wall:
+            lines.append(f"| {d.name} | {wall['wrong_release']}: not counted | | | | | | | | | | | |")
             continue
         report = json.loads(rpath.read_text())
         c, h = report["counts"], report["header"]

@@ -105,3 +105,55 @@ def test_a_gate_stopped_early_says_how_many_cells_it_finished(tmp_path):
         .splitlines()[-1]
         .startswith("| 0.14.0 | 130, stopped after 5 cells | 2 |")
     )
+
+
+def test_the_gate_runs_the_release_env_interpreter_by_its_path_not_a_script_on_path(tmp_path):
+    # An env's `lora-conformance` script names, in its #!, the interpreter of the checkout that created
+    # the env; once that is gone, execvp falls through to the global script and PEFT 0.21.2 runs instead.
+    cmd = peft_releases.gate_command("0.7.1", tmp_path, 2, 10, ["--layers", "linear"])
+    python = peft_releases.peft_envs.env_dir("0.7.1") / "bin" / "python"
+    assert cmd[:4] == ["nice", "-n", "10", str(python)]
+    assert Path(cmd[3]).is_absolute()
+    assert cmd[4:7] == ["-m", "properties", "run"]
+    assert "lora-conformance" not in cmd
+    assert cmd[cmd.index("--report") + 1] == str(tmp_path)
+    assert cmd[-2:] == ["--layers", "linear"]
+
+
+def test_a_report_of_another_release_is_refused_and_not_counted(tmp_path):
+    d = tmp_path / "0.7.1"
+    d.mkdir()
+    report = _report()
+    report["header"]["target_version"] = "0.21.2"
+    (d / "report.json").write_text(json.dumps(report))
+    assert peft_releases.release_mismatch("0.7.1", d) == "the report is of peft 0.21.2, not 0.7.1"
+    report["header"]["target_version"] = "0.7.1"
+    (d / "report.json").write_text(json.dumps(report))
+    assert peft_releases.release_mismatch("0.7.1", d) is None
+    wrong = {
+        "version": "0.7.1",
+        "exit": 0,
+        "wall_s": 290.0,
+        "wrong_release": "the report is of peft 0.21.2, not 0.7.1",
+    }
+    (d / "wall.json").write_text(json.dumps(wrong))
+    row = peft_releases.table(tmp_path).splitlines()[-1]
+    assert row.startswith("| 0.7.1 | the report is of peft 0.21.2, not 0.7.1: not counted |")
+    assert "388" not in row and "| 2 |" not in row  # none of the report's counts
+
+
+def test_a_gate_that_ran_another_release_exits_2_and_records_why(tmp_path, monkeypatch):
+    class RanTheGlobalPeft:  # what the fall-through to the global `lora-conformance` did
+        def __init__(self, cmd, **_):
+            report_dir = Path(cmd[cmd.index("--report") + 1])
+            report = _report()
+            report["header"]["target_version"] = "0.21.2"
+            (report_dir / "report.json").write_text(json.dumps(report))
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(peft_releases.subprocess, "Popen", RanTheGlobalPeft)
+    assert peft_releases.gate(["0.7.1"], tmp_path, 2, 10, []) == 2
+    wall = json.loads((tmp_path / "0.7.1" / "wall.json").read_text())
+    assert wall["exit"] == 0 and wall["wrong_release"] == "the report is of peft 0.21.2, not 0.7.1"
