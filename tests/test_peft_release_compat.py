@@ -170,3 +170,27 @@ def test_peft_0_7_refusing_to_unload_several_modules_to_save_adapters_is_unsuppo
     other = peft_model.PeftModelHandle(_RefusingPeftModel("something else broke"), peft_wrapped=True)
     with pytest.raises(ValueError, match="something else broke"):  # any other error stays a crash
         other.merge_and_unload()
+
+
+class _NoDoraEmbeddingPeftModel:
+    """PEFT 0.9-0.12: DoRA on Linear only; an adapter with DoRA on an embedding is refused by design."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def add_adapter(self, name, config):
+        raise ValueError(self.message)
+
+
+def test_peft_refusing_dora_on_an_embedding_is_unsupported_and_other_errors_stay_crashes(monkeypatch):
+    _old_peft(monkeypatch)
+    monkeypatch.setattr(peft_model, "_config", lambda adapter: {})
+    ab = AdapterSpec(name="a", A=torch.ones(1, 2), B=torch.ones(2, 1), r=1, alpha=1.0)
+    adapter = ModelAdapter("other", {"model.embed_tokens": ab}, use_dora=True)
+    refusing = _NoDoraEmbeddingPeftModel("Embedding does not support DoRA yet, please set it to False")
+    handle = peft_model.PeftModelHandle(refusing, peft_wrapped=True)
+    with pytest.raises(Unsupported, match="peft 0.7.1: Embedding does not support DoRA yet"):
+        handle.add_adapter(adapter)
+    broken = peft_model.PeftModelHandle(_NoDoraEmbeddingPeftModel("shape mismatch"), peft_wrapped=True)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        broken.add_adapter(adapter)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -75,14 +75,26 @@ def _recorded() -> Iterator[list[str]]:
 _UNLOAD_REFUSAL = "Cannot unload multiple adapters that specify `modules_to_save`"
 
 
+# PEFT 0.9-0.12 have DoRA for Linear (and Conv2d from 0.10) but not for Embedding: building such an adapter
+# raises "Embedding does not support DoRA yet, please set it to False" (the layer target skips those cells
+# the same way). An example with DoRA on an embedding is unsupported there.
+_DORA_REFUSAL = "does not support DoRA"
+
+
 @contextmanager
-def _refused_unload() -> Iterator[None]:
+def _refused(message: str) -> Iterator[None]:
+    """PEFT's ``ValueError`` containing ``message`` (a refusal by design) becomes :class:`Unsupported`;
+    any other error stays a crash."""
     try:
         yield
     except ValueError as e:
-        if _UNLOAD_REFUSAL not in str(e):
+        if message not in str(e):
             raise
         raise Unsupported(f"peft {_peft().__version__}: {e}") from e
+
+
+def _refused_unload() -> AbstractContextManager[None]:
+    return _refused(_UNLOAD_REFUSAL)
 
 
 def _adapter_dir(directory: Path, name: str) -> Path:
@@ -196,7 +208,8 @@ class PeftModelHandle(TorchModelHandle):
         self.peft_model.base_model.set_adapter(list(names))
 
     def add_adapter(self, adapter: ModelAdapter) -> None:
-        self.peft_model.add_adapter(adapter.name, _config(adapter))
+        with _refused(_DORA_REFUSAL):
+            self.peft_model.add_adapter(adapter.name, _config(adapter))
         self.load_factors(adapter)
 
     def delete_adapter(self, name: str) -> None:
@@ -271,7 +284,8 @@ class PeftModelTarget:
 
     def build(self, spec: ModelSpec) -> PeftModelHandle:
         first, *rest = spec.adapters
-        model = _peft().get_peft_model(archs.build_base(spec), _config(first), adapter_name=first.name)
+        with _refused(_DORA_REFUSAL):
+            model = _peft().get_peft_model(archs.build_base(spec), _config(first), adapter_name=first.name)
         h = PeftModelHandle(model, peft_wrapped=True)
         h.load_factors(first)
         for a in rest:
