@@ -18,7 +18,7 @@ one for the cheap libraries and one for a shard of each costly one.
     python scripts/nightly.py --libs loralib torchtune --shards 8 --only 1 --seed 1 \\
         --json docs/nightly.json --md docs/nightly.md        # one shard of each, to time them
     python scripts/nightly.py --libs loralib --shards 8 --seed 1   # the rest (recorded ones skipped)
-    python scripts/nightly.py --libs peft-0.13.2 --shards 8 --only 1 -- --layers linear,conv2d   # an older PEFT
+    python scripts/nightly.py --libs peft-0.13.2 --shards 8 --only 1   # an older PEFT, in its env
     python scripts/nightly.py --render-only --json docs/nightly.json --md docs/nightly.md
 
 Times are whatever the machine gives: on a shared machine, wall time overstates an idle run's, and
