@@ -17,7 +17,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from properties.spec import Example, dtype_name
+from properties import oracle
+from properties.spec import Example, LayerSpec, dtype_name
 
 FEATURES: dict[str, str] = {
     "kind": "layer kind: 'linear', 'embedding', 'conv1d', 'conv2d', 'conv3d', 'mha'",
@@ -30,6 +31,7 @@ FEATURES: dict[str, str] = {
     "dropout": "largest dropout rate",
     "alpha_equals_rank": "some adapter has alpha == r",
     "base_bias": "the base layer has a bias",
+    "dora_gain": "largest |m / ||W + s B A|| - 1| of any DoRA adapter and output feature (0 without DoRA)",
     "fan_in_fan_out": "GPT-2 Conv1D layout",
     "fan_in": "in_features / in_channels / num_embeddings / embed_dim",
     "fan_out": "out_features / out_channels / embedding_dim / embed_dim",
@@ -136,6 +138,7 @@ def features(ex: Example, hostile: Any = None) -> dict[str, Any]:
         "dropout": max((a.dropout for a in adapters), default=0.0),
         "alpha_equals_rank": any(a.alpha == a.r for a in adapters),
         "base_bias": s.base_bias is not None,
+        "dora_gain": _dora_gain(s),
         "fan_in_fan_out": s.fan_in_fan_out,
         "fan_in": fan_in,
         "fan_out": fan_out,
@@ -154,3 +157,14 @@ def features(ex: Example, hostile: Any = None) -> dict[str, Any]:
         "kernel_size": tuple(c.kernel_size) if c else (),
         **_LAYER_DEFAULTS,
     }
+
+
+def _dora_gain(spec: LayerSpec) -> float:
+    """How far DoRA rescales the base output, ``max |f - 1|`` with ``f = m / ||W + s B A||``: what an error in
+    the base output is multiplied by when an implementation scales ``W x`` by ``f - 1`` (float64)."""
+    gains = [
+        (oracle.dora_factor(spec, a) - 1).abs().max().item()
+        for a in spec.adapters
+        if a.use_dora and a.magnitude is not None
+    ]
+    return max(gains, default=0.0)

@@ -108,6 +108,11 @@ def _dora_factor(spec: LayerSpec, a: AdapterSpec, w: torch.Tensor, scale: float)
     return _t(a.magnitude, False) / norm
 
 
+def dora_factor(spec: LayerSpec, a: AdapterSpec, scale: float = 1.0) -> torch.Tensor:
+    """DoRA's ``m / ||W + s B A||`` per output feature, in float64 from the spec's rounded tensors."""
+    return _dora_factor(spec, a, _t(spec.weight, False), scale)
+
+
 def _out_view(spec: LayerSpec, v: torch.Tensor, ndim: int) -> torch.Tensor:
     """Broadcast a per-output-feature vector against an output of ``ndim`` dims."""
     if spec.kind in ("linear", "embedding"):

@@ -218,11 +218,7 @@ def _underflow(spec: LayerSpec, names, scales: dict[str, float], stages: int, ar
     for name in names:
         a = spec.adapter(name)
         b_rows = a.B.detach().to("cpu", torch.float64).abs().flatten(1).sum(1)
-        f = (
-            oracle._dora_factor(spec, a, spec.weight.to("cpu", torch.float64), scales.get(name, 1.0)).abs()
-            if a.use_dora
-            else 0.0
-        )
+        f = oracle.dora_factor(spec, a, scales.get(name, 1.0)).abs() if a.use_dora else 0.0
         s_abs = abs(a.scaling * scales.get(name, 1.0))
         gain = gain + (1 + f) * (s_abs * b_rows + s_abs + 1) + 2 * f
     return arith.eta * (stages + oracle._out_view(spec, gain, y.dim()))
@@ -256,7 +252,7 @@ def weights_expected(
     for name in adapters:  # a DoRA merge scales every (possibly subnormal) rounding by its factor
         a = spec.adapter(name)
         if a.use_dora and floor:
-            f = oracle._dora_factor(spec, a, spec.weight.to("cpu", torch.float64), 1.0).abs().max()
+            f = oracle.dora_factor(spec, a).abs().max()
             floor = floor * (1 + float(f))
     reason = range_violation(spec, None, arith, adapters=adapters)
     return {key: Expected(exact[key], coeff * mag[key] + floor, mag[key], reason) for key in exact}

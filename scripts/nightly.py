@@ -3,7 +3,8 @@
 A library that schedules the suite nightly runs ``--profile thorough`` (400 examples a cell), split
 into ``--shard i/n`` jobs and put back together with ``lora-conformance merge``
 (``examples/github-actions-nightly.yml``). This script does exactly that for the library targets
-this repo ships, each in its own environment (``scripts/envs.py``; ``peft`` runs in this interpreter),
+this repo ships, each in its own environment (``scripts/envs.py``; ``peft`` runs in this interpreter,
+``peft-0.13.2`` in that release's env of ``scripts/peft_envs.py``),
 and keeps per shard: the release tested, the counts of passed/failed/error/xfailed/skipped cells,
 examples, the failed cells with their messages and replay lines, the xfail lines that matched
 nothing, wall and CPU time, and the commit of the suite. Per library it merges the shards that ran
@@ -17,6 +18,7 @@ one for the cheap libraries and one for a shard of each costly one.
     python scripts/nightly.py --libs loralib torchtune --shards 8 --only 1 --seed 1 \\
         --json docs/nightly.json --md docs/nightly.md        # one shard of each, to time them
     python scripts/nightly.py --libs loralib --shards 8 --seed 1   # the rest (recorded ones skipped)
+    python scripts/nightly.py --libs peft-0.13.2 --shards 8 --only 1   # an older PEFT, in its env
     python scripts/nightly.py --render-only --json docs/nightly.json --md docs/nightly.md
 
 Times are whatever the machine gives: on a shared machine, wall time overstates an idle run's, and
@@ -51,6 +53,7 @@ LIBRARIES = (
     "reference",
 )
 IN_THIS_INTERPRETER = ("peft", "reference")  # PEFT: the release CI tests; reference: the suite itself
+PEFT_RELEASE = "peft-"  # ``peft-0.13.2``: PEFT's target run in that release's env (scripts/peft_envs.py)
 REPORTS = ROOT / "reports" / "nightly"  # git-ignored
 SLOT_S = 30 * 60  # the nightly slot a library gives the suite
 SLOT_JOBS = 2  # workers per shard in that slot (a 2-core runner)
@@ -66,11 +69,15 @@ def run_command(
     limits: Sequence[str] = (),
 ) -> list[str]:
     """The command that runs one shard of ``lib``'s thorough profile (in its environment)."""
-    cli = ["-m", "properties", "run", "--target", lib, "--profile", "thorough", "--seed", str(seed)]
+    target = "peft" if lib.startswith(PEFT_RELEASE) else lib
+    cli = ["-m", "properties", "run", "--target", target, "--profile", "thorough", "--seed", str(seed)]
     cli += ["--shard", f"{shard[0]}/{shard[1]}", "--jobs", str(jobs), "--report", str(report)]
     cli += [*extra, *limits]
     if lib in IN_THIS_INTERPRETER:
         return [sys.executable, *cli]
+    if lib.startswith(PEFT_RELEASE):
+        version = lib[len(PEFT_RELEASE) :]
+        return [sys.executable, str(ROOT / "scripts" / "peft_envs.py"), "run", version, "--", "python", *cli]
     return [sys.executable, str(ROOT / "scripts" / "envs.py"), "run", lib, "--", "python", *cli]
 
 
@@ -339,9 +346,23 @@ def _minutes(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def _library(name: str) -> str:
+    """A library of :data:`LIBRARIES`, or ``peft-<version>`` for an older PEFT release's env."""
+    if name in LIBRARIES or (name.startswith(PEFT_RELEASE) and name[len(PEFT_RELEASE) :][:1].isdigit()):
+        return name
+    raise argparse.ArgumentTypeError(f"{name!r}: one of {', '.join(LIBRARIES)}, or {PEFT_RELEASE}VERSION")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--libs", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
+    ap.add_argument(
+        "--libs",
+        nargs="+",
+        type=_library,
+        default=list(LIBRARIES),
+        help=f"{', '.join(LIBRARIES)}, or {PEFT_RELEASE}VERSION: a bundled PEFT release in its env "
+        "(python scripts/peft_envs.py create --overlay VERSION)",
+    )
     ap.add_argument("--shards", type=int, default=8, help="n in --shard i/n")
     ap.add_argument("--only", default=None, help="comma-separated shard indices to run now (default: all)")
     ap.add_argument("--seed", type=int, default=1)

@@ -326,6 +326,28 @@ def _dora_norm(h: ReferenceHandle) -> None:
     L._weight_norm = lambda name, w: L._out_major(w + L._weight_delta(name, w.dtype)).flatten().norm()
 
 
+@mutant(
+    "dora_bias_cancellation",
+    ["reference_forward", "merge_roundtrip"],
+    "linear",
+    "float16",
+    "the unmerged DoRA forward recovers W x as round(W x + b) - b (PEFT >= 0.14): the bias cancels W x's "
+    "low bits and the DoRA factor f - 1 multiplies the error",
+    max_examples=400,
+)
+def _dora_bias_cancellation(h: ReferenceHandle) -> None:
+    L = h.layer
+    base = L.base_layer
+    if getattr(base, "bias", None) is None:
+        return
+
+    def apply_weight(x: torch.Tensor) -> torch.Tensor:
+        out = base(x.to(base.weight.dtype)).to(x.dtype)
+        return out - L._broadcast(base.bias.to(x.dtype), out)
+
+    L._apply_weight = apply_weight
+
+
 # ----------------------------------------------------------------------------- merge / unmerge state
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from mutants import MUTANTS
 
 from properties.catalogue import all_properties
+from properties.known_bugs import compile_condition, features
 from properties.profiles import PROFILES
 from properties.runner import Cell, RunOptions, run_cell
 from properties.session import apply_xfail
-from properties.xfails import example_rules, match, parse_xfails
+from properties.spec import AdapterSpec, Example, LayerSpec
+from properties.xfails import bundled_rules, example_rules, match, parse_xfails
 from tests.fixture_targets import RSLORA_MERGE, SCALED
 
 CELL = Cell("merge_equivalence", "linear", "float32")
@@ -137,3 +141,64 @@ def test_unused_lines_are_stale_only_in_scope_or_when_they_match_no_cell_at_all(
         str(rules[1]),
         str(rules[2]),
     ]
+
+
+def _dora_bias_lines(kind: str):
+    rules = bundled_rules("peft", "0.21.2").rules
+    return [
+        r for r in rules if r.reason == "dora-bias-cancellation" and r.matches("reference_forward", kind, "*")
+    ]
+
+
+def test_dora_gain_is_how_far_dora_rescales_the_base_output():
+    """The nightly's shrunk PEFT example: f = m / ||W + s B A|| = 8.5 / 0.1256 = 67.7, so gain 66.7."""
+    h = torch.float16
+    dora = AdapterSpec(
+        "default",
+        1,
+        0.125,
+        torch.tensor([[0.4519]], dtype=h),
+        torch.tensor([[-0.6]], dtype=h),
+        use_dora=True,
+        magnitude=torch.tensor([8.5], dtype=h),
+    )
+    spec = LayerSpec(
+        "linear", h, torch.tensor([[-0.09174]], dtype=h), (dora,), base_bias=torch.tensor([-1.357], dtype=h)
+    )
+    facts = features(Example(spec, torch.tensor([[-0.1117]], dtype=h)))
+    v = spec.weight.double() + 0.125 * dora.B.double() @ dora.A.double()
+    assert facts["dora_gain"] == pytest.approx(8.5 / v.abs().item() - 1, rel=1e-12)
+    (line,) = _dora_bias_lines("linear")
+    assert compile_condition(line.condition)(facts)
+    plain = LayerSpec(
+        "linear", h, spec.weight, (AdapterSpec("default", 1, 0.125, dora.A, dora.B),), spec.base_bias
+    )
+    plain_facts = features(Example(plain, torch.tensor([[-0.1117]], dtype=h)))
+    assert plain_facts["dora_gain"] == 0.0 and not compile_condition(line.condition)(plain_facts)
+
+
+@pytest.mark.parametrize(
+    ("cell", "examples"),
+    [
+        (Cell("reference_forward", "linear", "float16"), 400),
+        (Cell("reference_forward", "conv2d", "float16"), 600),
+    ],
+)
+def test_the_dora_bias_cancellation_lines_set_aside_every_example_the_bug_fails(cell: Cell, examples: int):
+    """PEFT's cancellation (the reference with ``W x`` recovered as ``round(W x + b) - b``) fails the cell,
+    and with the bundled lines, which leave examples with ``|f - 1| <= 1`` in, the same 400 examples pass: the
+    threshold is where the bug's error stays within the one rounding of ``W x + b`` every bound budgets."""
+    target = MUTANTS["dora_bias_cancellation"].target()
+    base = RunOptions(target=target.name, profile=PROFILES["ci"], seed=0, max_examples=examples)
+    assert run_cell(target, all_properties()[cell.property], cell, base).status == "failed"
+    rules = _dora_bias_lines(cell.layer)
+    opts = RunOptions(
+        target=target.name,
+        profile=PROFILES["ci"],
+        seed=0,
+        max_examples=examples,
+        known_bugs=example_rules(rules),
+    )
+    result = run_cell(target, all_properties()[cell.property], cell, opts)
+    assert result.status == "passed", f"{result.message}\n{result.example}"
+    assert sum(result.known_bug_examples.values()) > 0

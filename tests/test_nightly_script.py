@@ -144,3 +144,15 @@ def test_notes_kept_in_the_record_are_rendered(tmp_path: Path) -> None:
     md = (tmp_path / "n.md").read_text()
     assert "## Notes\n\n- loaded machine: load 4-6\n" in md
     assert json.loads(record.read_text())["notes"] == ["loaded machine: load 4-6"]
+
+
+def test_an_older_peft_release_runs_in_its_env_as_the_peft_target(tmp_path: Path) -> None:
+    """``peft-0.13.2`` is PEFT's target run by that release's env (a record of its own), and a name that
+    is neither a library nor a release is refused before anything runs."""
+    cmd = nightly.run_command("peft-0.13.2", (3, 8), 1, 2, tmp_path, ["--layers", "linear"])
+    assert cmd[1:5] == [str(ROOT / "scripts" / "peft_envs.py"), "run", "0.13.2", "--"]
+    assert cmd[cmd.index("--target") + 1] == "peft" and cmd[cmd.index("--shard") + 1] == "3/8"
+    assert nightly.run_command("peft", (1, 8), 1, 2, tmp_path, [])[0] == sys.executable
+    with pytest.raises(SystemExit):
+        nightly.main(["--libs", "pefty", "--json", str(tmp_path / "n.json")])
+    assert not (tmp_path / "n.json").exists()

@@ -1,4 +1,5 @@
-"""The nightly GitHub Actions recipe in examples/ is a workflow that would do what the README says.
+"""The GitHub Actions recipes in examples/ (nightly and every commit) are workflows that would do what the
+README says.
 
 It is parsed as YAML, its `lora-conformance` commands are parsed with the CLI's own parser (with the
 `${{ ... }}` expressions filled in for every shard), and the plumbing between the jobs is checked: the
@@ -19,12 +20,23 @@ from properties.cli import build_parser
 
 yaml = pytest.importorskip("yaml")
 
-WORKFLOW = Path(__file__).resolve().parents[1] / "examples" / "github-actions-nightly.yml"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# workflow file -> (its shard job, the profile it runs, whether every night draws new examples)
+RECIPES = {
+    "github-actions-nightly.yml": ("thorough", "thorough", True),
+    "github-actions-commit.yml": ("gate", "ci", False),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(RECIPES))
+def recipe(request) -> tuple[dict, str, str, bool]:
+    job, profile, new_seed = RECIPES[request.param]
+    return yaml.safe_load((EXAMPLES / request.param).read_text()), job, profile, new_seed
 
 
 @pytest.fixture(scope="module")
-def workflow() -> dict:
-    return yaml.safe_load(WORKFLOW.read_text())
+def workflow(recipe) -> dict:
+    return recipe[0]
 
 
 def _fill(text: str, shard: int) -> str:
@@ -55,14 +67,19 @@ def _step(job: dict, uses: str) -> list[dict]:
     return [s for s in job["steps"] if s.get("uses", "").startswith(uses)]
 
 
-def test_runs_nightly_and_on_demand(workflow):
+def test_runs_nightly_or_on_every_commit(recipe):
+    workflow, _, profile, _ = recipe
     triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
-    assert "schedule" in triggers and triggers["schedule"][0]["cron"].count(" ") == 4
-    assert "workflow_dispatch" in triggers
+    if profile == "thorough":
+        assert "schedule" in triggers and triggers["schedule"][0]["cron"].count(" ") == 4
+        assert "workflow_dispatch" in triggers
+    else:
+        assert "push" in triggers and "pull_request" in triggers
 
 
-def test_the_shards_cover_1_to_n_with_the_thorough_profile_and_one_seed(workflow):
-    job = workflow["jobs"]["thorough"]
+def test_the_shards_cover_1_to_n_with_the_profile_and_one_seed(recipe):
+    workflow, job_name, profile, new_seed = recipe
+    job = workflow["jobs"][job_name]
     shards = job["strategy"]["matrix"]["shard"]
     assert job["strategy"]["fail-fast"] is False  # one red shard must not cancel the others' reports
     n = len(shards)
@@ -72,21 +89,25 @@ def test_the_shards_cover_1_to_n_with_the_thorough_profile_and_one_seed(workflow
         (run,) = [c for c in _commands(job, i) if c[0] == "run"]
         args = build_parser().parse_args(run)
         assert args.shard == (i, n)
-        assert args.profile == "thorough" and args.max_examples is None  # the full 400 a cell
+        assert args.profile == profile and args.max_examples is None  # the profile's full count a cell
         assert args.target == "peft" and args.xfails == "auto"  # bundled known bugs, by release range
         assert args.seed is not None
         seeds.add(args.seed)
+        # nightly: a new seed every night (the run number); every commit: one fixed seed, so a red gate
+        # points at the commit, not at examples drawn for the first time
+        assert ("run_number" in str(job["steps"])) == new_seed
         (upload,) = _step(job, "actions/upload-artifact")
         assert upload["if"] == "always()"  # a failing shard still hands in its report
         assert _fill(upload["with"]["path"], i) == f"{args.report}/report.json"
     assert len(seeds) == 1  # shards of one night must share the seed, or merge refuses them
 
 
-def test_the_merge_job_needs_every_shard_and_merges_what_they_uploaded(workflow):
-    shard_job = workflow["jobs"]["thorough"]
+def test_the_merge_job_needs_every_shard_and_merges_what_they_uploaded(recipe):
+    workflow, job_name, _, _ = recipe
+    shard_job = workflow["jobs"][job_name]
     merge = workflow["jobs"]["merge"]
     needs = merge["needs"] if isinstance(merge["needs"], list) else [merge["needs"]]
-    assert needs == ["thorough"]
+    assert needs == [job_name]
     assert merge["if"] == "always()"  # runs (and uploads the report) when a shard failed
     (download,) = _step(merge, "actions/download-artifact")
     uploaded = [_fill(_step(shard_job, "actions/upload-artifact")[0]["with"]["name"], i) for i in (1, 2)]
