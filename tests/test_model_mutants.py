@@ -91,3 +91,16 @@ def test_layer_target_without_model_half_is_skipped() -> None:
 
     result = _run(LayerOnly(), Cell("model_merge_equivalence", "llama", "float32"), max_examples=2)
     assert result.status == "skipped" and "no model-level target" in result.message
+
+
+def test_a_parameter_difference_after_unload_names_what_differs() -> None:
+    """A reshaped parameter is named with both shapes (an empty name list read as 'no difference')."""
+    from properties.models.checks import _shape_diff
+
+    want = {"lm_head.weight": (5, 4), "embed.weight": (5, 4)}
+    assert _shape_diff({"lm_head.weight": (4, 5), "embed.weight": (5, 4)}, want) == (
+        "shapes: lm_head.weight: (4, 5) instead of (5, 4)"
+    )
+    assert _shape_diff({"embed.weight": (5, 4), "extra.bias": (3,)}, want) == (
+        "missing parameters: lm_head.weight; extra parameters: extra.bias"
+    )

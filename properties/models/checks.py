@@ -196,6 +196,19 @@ def model_unload_restores_base(ctx: Context) -> None:
         raise PropertyFailure(f"module types after unload() differ: {_module_diff(h.modules(), ref_modules)}")
 
 
+def _shape_diff(got: dict[str, tuple], want: dict[str, tuple]) -> str:
+    """Which parameter names are missing or extra, and which have another shape (a few of each)."""
+    parts = []
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    reshaped = [
+        f"{k}: {got[k]} instead of {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]
+    ]
+    for label, items in (("missing parameters", missing), ("extra parameters", extra), ("shapes", reshaped)):
+        if items:
+            parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+    return "; ".join(parts)
+
+
 def _module_diff(actual: dict[str, type], expected: dict[str, type]) -> str:
     extra = sorted(set(actual) - set(expected))
     missing = sorted(set(expected) - set(actual))
@@ -480,6 +493,4 @@ def model_unloaded_is_plain(ctx: Context) -> None:
     shapes = {k: tuple(v.shape) for k, v in h.base_parameters().items()}
     want = {k: tuple(v.shape) for k, v in base.base_parameters().items()}
     if shapes != want:
-        raise PropertyFailure(
-            f"parameter names/shapes after merge_and_unload differ: {sorted(set(shapes) ^ set(want))[:4]}"
-        )
+        raise PropertyFailure(f"after merge_and_unload: {_shape_diff(shapes, want)}")
