@@ -31,7 +31,8 @@ FEATURES: dict[str, str] = {
     "dropout": "largest dropout rate",
     "alpha_equals_rank": "some adapter has alpha == r",
     "base_bias": "the base layer has a bias",
-    "dora_gain": "largest |m / ||W + s B A|| - 1| of any DoRA adapter and output feature (0 without DoRA)",
+    "dora_gain": "largest |m / ||W + s B A|| - 1| of any DoRA adapter and output feature (0 without DoRA; "
+    "layer examples only, 0 for a model)",
     "fan_in_fan_out": "GPT-2 Conv1D layout",
     "fan_in": "in_features / in_channels / num_embeddings / embed_dim",
     "fan_out": "out_features / out_channels / embedding_dim / embed_dim",

@@ -35,6 +35,7 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
         "dropout": 0.0,
         "alpha_equals_rank": any(m.alpha == m.r for m in modules),
         "base_bias": any(facts[p]["bias"] for p in targeted),
+        "dora_gain": 0.0,  # layer-only: the model's base weights are built by the target, not in the spec
         "fan_in_fan_out": any(facts[p]["fan_in_fan_out"] for p in targeted),
         "fan_in": 0,
         "fan_out": 0,
