@@ -50,7 +50,7 @@ def _dropped_path_weight(ctx: Context) -> torch.Tensor:
     if not a.use_dora:
         return delta
     w = spec.weight.to("cpu", torch.float64)
-    f = oracle._dora_factor(spec, a, w, 1.0)
+    f = oracle.dora_factor(spec, a)
     f = f.reshape(-1, *([1] * (w.dim() - 1)))
     return (f - 1) * w + f * delta
 

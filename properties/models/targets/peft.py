@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -91,10 +91,6 @@ def _refused(message: str) -> Iterator[None]:
         if message not in str(e):
             raise
         raise Unsupported(f"peft {_peft().__version__}: {e}") from e
-
-
-def _refused_unload() -> AbstractContextManager[None]:
-    return _refused(_UNLOAD_REFUSAL)
 
 
 def _adapter_dir(directory: Path, name: str) -> Path:
@@ -192,11 +188,11 @@ class PeftModelHandle(TorchModelHandle):
         self.peft_model.unmerge_adapter()
 
     def merge_and_unload(self, *, safe: bool = False) -> None:
-        with _refused_unload():
+        with _refused(_UNLOAD_REFUSAL):
             self.root, self.prefix = self.peft_model.merge_and_unload(safe_merge=safe), ""
 
     def unload(self) -> None:
-        with _refused_unload():
+        with _refused(_UNLOAD_REFUSAL):
             self.root, self.prefix = self.peft_model.unload(), ""
 
     @contextmanager
