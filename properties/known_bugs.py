@@ -32,7 +32,7 @@ FEATURES: dict[str, str] = {
     "alpha_equals_rank": "some adapter has alpha == r",
     "base_bias": "the base layer has a bias",
     "dora_gain": "largest |m / ||W + s B A|| - 1| of any DoRA adapter and output feature (0 without DoRA; "
-    "layer examples only, 0 for a model)",
+    "a model: of any targeted module)",
     "fan_in_fan_out": "GPT-2 Conv1D layout",
     "fan_in": "in_features / in_channels / num_embeddings / embed_dim",
     "fan_out": "out_features / out_channels / embedding_dim / embed_dim",
@@ -139,7 +139,7 @@ def features(ex: Example, hostile: Any = None) -> dict[str, Any]:
         "dropout": max((a.dropout for a in adapters), default=0.0),
         "alpha_equals_rank": any(a.alpha == a.r for a in adapters),
         "base_bias": s.base_bias is not None,
-        "dora_gain": _dora_gain(s),
+        "dora_gain": dora_gain(s),
         "fan_in_fan_out": s.fan_in_fan_out,
         "fan_in": fan_in,
         "fan_out": fan_out,
@@ -160,7 +160,7 @@ def features(ex: Example, hostile: Any = None) -> dict[str, Any]:
     }
 
 
-def _dora_gain(spec: LayerSpec) -> float:
+def dora_gain(spec: LayerSpec) -> float:
     """How far DoRA rescales the base output, ``max |f - 1|`` with ``f = m / ||W + s B A||``: what an error in
     the base output is multiplied by when an implementation scales ``W x`` by ``f - 1`` (float64)."""
     gains = [

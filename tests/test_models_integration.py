@@ -16,7 +16,7 @@ from properties.models.strategies import ModelDraw, model_examples
 from properties.profiles import PROFILES
 from properties.runner import Cell, RunOptions, run_cell
 from properties.session import plan_cells
-from properties.xfails import example_rules, parse_xfails
+from properties.xfails import bundled_rules, example_rules, parse_xfails
 from tests.test_cli import cli
 
 needs_transformers = pytest.mark.skipif(
@@ -43,6 +43,38 @@ def test_model_example_features_cover_every_feature_name(ex):
     assert set(FEATURES) <= set(facts)
     assert facts["architecture"] == "llama_tied" and facts["tied_target"] and facts["twin_untargeted"]
     assert compile_condition("tied_target and architecture == 'llama_tied'")(facts)
+
+
+def _linear_only(arch: str, paths: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p for p in paths if "embeddings" not in p)
+
+
+@needs_transformers
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(model_examples(ModelDraw("bert", torch.float16, frozenset({"dora"}), targetable=_linear_only)))
+def test_a_model_dora_gain_is_the_largest_over_the_modules_dora_targets(ex):
+    """By hand from the spec's exact base weights: ``max |m / ||W + s B A|| - 1|`` over every DoRA module and
+    output row (bert's Linear weights are ``(out, in)``), as the layer feature is for one module; so the
+    dora-bias-cancellation line sets aside a model example exactly where one of its modules can fail."""
+    gains = [0.0]
+    for a in ex.spec.adapters:
+        for path, m in a.modules.items():
+            if not a.use_dora:
+                continue
+            w = ex.spec.base[f"{path}.weight"].double()
+            v = w + m.scaling * m.B.double() @ m.A.double()
+            gains.append((m.magnitude.double() / v.norm(dim=1) - 1).abs().max().item())
+    facts = features(ex)
+    assert facts["dora_gain"] == pytest.approx(max(gains), rel=1e-12, abs=0)
+    assert facts["dora"] == any(a.use_dora for a in ex.spec.adapters)
+    if not facts["dora"]:
+        assert facts["dora_gain"] == 0.0
+    (line,) = [
+        r
+        for r in bundled_rules("peft", "0.21.2").rules
+        if r.reason == "dora-bias-cancellation" and r.matches("model_merge_equivalence", "bert", "float16")
+    ]
+    assert compile_condition(line.condition)(facts) == (facts["dora"] and facts["dora_gain"] > 1)
 
 
 @needs_transformers

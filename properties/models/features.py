@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from properties.known_bugs import dora_gain
+from properties.models.oracle import layer_spec
 from properties.models.spec import ModelExample
 from properties.models.strategies import layout
 from properties.spec import dtype_name
@@ -35,7 +37,7 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
         "dropout": 0.0,
         "alpha_equals_rank": any(m.alpha == m.r for m in modules),
         "base_bias": any(facts[p]["bias"] for p in targeted),
-        "dora_gain": 0.0,  # layer-only: the model's base weights are built by the target, not in the spec
+        "dora_gain": _dora_gain(ex),
         "fan_in_fan_out": any(facts[p]["fan_in_fan_out"] for p in targeted),
         "fan_in": 0,
         "fan_out": 0,
@@ -64,3 +66,12 @@ def model_features(ex: ModelExample) -> dict[str, Any]:
         "masked": bool((ex.attention_mask == 0).any()),
         "modules_to_save": len(s.saved_paths),
     }
+
+
+def _dora_gain(ex: ModelExample) -> float:
+    """The layer feature over every module a DoRA adapter targets: each module is a layer with the
+    model's exact base weight and every adapter on it (``properties.models.oracle.layer_spec``)."""
+    s = ex.spec
+    names = [a.name for a in s.adapters]
+    paths = dict.fromkeys(p for a in s.adapters if a.use_dora for p in a.modules)
+    return max((dora_gain(layer_spec(s, p, names)) for p in paths), default=0.0)
