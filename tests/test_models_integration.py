@@ -140,3 +140,41 @@ def test_model_cells_skip_with_the_reason_without_transformers(monkeypatch):
     opts = RunOptions(target="reference", profile=PROFILES["ci"], seed=0, max_examples=2)
     result = run_cell(TARGET, all_properties()[cell.property], cell, opts)
     assert result.status == "skipped" and "needs transformers" in result.message
+
+
+@needs_transformers
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    model_examples(
+        ModelDraw("bert", torch.float16, frozenset(), min_adapters=1, max_adapters=1, targetable=_linear_only)
+    )
+)
+def test_a_module_fed_a_non_finite_input_is_out_of_range_not_a_failure(ex):
+    """An earlier value leaving float16's range (an overflowing UNet conv, thorough seed 1) feeds the next
+    module inf: its output has no exact answer, so the example is out of range, as a layer example
+    whose intermediate overflows; every module fed finite values is still judged (a wrong one fails)."""
+    from properties.catalogue import Context, OutOfRange, PropertyFailure
+    from properties.models.checks import _active_paths, _judge_merged
+    from properties.models.protocol import model_target_for
+    from properties.precision import Arithmetic
+    from properties.targets.reference import TARGET
+
+    target = model_target_for(TARGET)
+    paths = _active_paths(ex.spec)
+    ctx = Context(target, ex, Arithmetic.for_dtype(torch.float16))
+    h = target.build(ex.spec)
+    before = h.capture(ex.batch, paths)
+    fed = next(p for p in paths if p in before)
+    x, y = before[fed]
+    before[fed] = (torch.full_like(x, float("inf")), y)
+    h.merge()
+    with pytest.raises(OutOfRange, match="not finite"):
+        _judge_merged(ctx, h, ex.spec, before, "merged", unloaded=False)
+    others = [p for p in paths if p in before and p != fed]
+    if others:  # a module fed finite values but giving a wrong output still fails
+        x2, y2 = before[others[0]]
+        before[others[0]] = (x2, y2 + 1)
+        with pytest.raises(PropertyFailure):
+            _judge_merged(
+                Context(target, ex, Arithmetic.for_dtype(torch.float16)), h, ex.spec, before, "merged", False
+            )
