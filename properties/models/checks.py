@@ -210,29 +210,30 @@ def model_unload_restores_base(ctx: Context) -> None:
         raise PropertyFailure(f"module types after unload() differ: {_module_diff(h.modules(), ref_modules)}")
 
 
+def _named_diff(got: dict, want: dict, show=str, **labels: str) -> str:
+    """Which names are missing or extra, and which hold another value (a few of each). ``labels``
+    renames the groups ``changed``, ``missing`` and ``extra``."""
+    common = sorted(set(got) & set(want))
+    groups = {
+        "changed": [f"{k}: {show(got[k])} instead of {show(want[k])}" for k in common if got[k] != want[k]],
+        "missing": sorted(set(want) - set(got)),
+        "extra": sorted(set(got) - set(want)),
+    }
+    return "; ".join(
+        f"{labels.get(g, g)}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+        for g, items in groups.items()
+        if items
+    )
+
+
 def _shape_diff(got: dict[str, tuple], want: dict[str, tuple]) -> str:
-    """Which parameter names are missing or extra, and which have another shape (a few of each)."""
-    parts = []
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    reshaped = [
-        f"{k}: {got[k]} instead of {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]
-    ]
-    for label, items in (("missing parameters", missing), ("extra parameters", extra), ("shapes", reshaped)):
-        if items:
-            parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
-    return "; ".join(parts)
+    """Which parameter names are missing or extra, and which have another shape."""
+    return _named_diff(got, want, changed="shapes", missing="missing parameters", extra="extra parameters")
 
 
 def _module_diff(actual: dict[str, type], expected: dict[str, type]) -> str:
-    extra = sorted(set(actual) - set(expected))
-    missing = sorted(set(expected) - set(actual))
-    changed = sorted(k for k in set(actual) & set(expected) if actual[k] is not expected[k])
-    parts = [f"{k}: {actual[k].__name__} instead of {expected[k].__name__}" for k in changed[:3]]
-    if extra:
-        parts.append(f"left behind: {extra[:3]}")
-    if missing:
-        parts.append(f"missing: {missing[:3]}")
-    return "; ".join(parts)
+    """Which modules have another type, are missing, or were left behind."""
+    return _named_diff(actual, expected, lambda t: t.__name__, changed="types", extra="left behind")
 
 
 def _fewer_layers(spec: ModelSpec) -> ModelSpec:
